@@ -1,0 +1,1 @@
+"""Grafts of tokencompress compressors and EmbQ onto Hugging Face models."""
