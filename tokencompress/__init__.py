@@ -10,6 +10,11 @@ Every compressor is a `TokenCompressor` (an `nn.Module`) that maps visual tokens
 from .base import Grid, TokenCompressor
 from .registry import create_compressor, list_compressors, register_compressor
 from .compose import Compose
+from .sap import SAP
+from .avgpool import AvgPool
+from .pixel_shuffle import PixelShuffle
+from .ldp import LDP, LDPv2
+from .embq import EmbQ
 
 __version__ = "0.1.0"
 
@@ -17,6 +22,12 @@ __all__ = [
     "Grid",
     "TokenCompressor",
     "Compose",
+    "SAP",
+    "AvgPool",
+    "PixelShuffle",
+    "LDP",
+    "LDPv2",
+    "EmbQ",
     "create_compressor",
     "list_compressors",
     "register_compressor",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import Grid, TokenCompressor, as_grid
@@ -30,6 +32,9 @@ class AvgPool(TokenCompressor):
     @classmethod
     def for_dim(cls, dim: int) -> "AvgPool":
         return cls()
+
+    def get_config(self) -> dict[str, Any]:
+        return {"window": self.window}
 
     def out_grid(self, grid: Grid) -> Grid:
         return window_grid(as_grid(grid), self.window)

@@ -108,6 +108,15 @@ class TokenCompressor(nn.Module, metaclass=ABCMeta):
         The registry's contract tests build every registered compressor this way.
         """
 
+    @abstractmethod
+    def get_config(self) -> dict[str, Any]:
+        """The `__init__` keyword arguments, as JSON values, that rebuild this compressor."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TokenCompressor":
+        """A fresh compressor (new weights) from the output of `get_config`."""
+        return cls(**config)
+
     # -- running -----------------------------------------------------------------------
     @abstractmethod
     def compress(self, x: torch.Tensor, grid: Grid, **kwargs: Any) -> Any:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Grid, TokenCompressor
-from .registry import register_compressor
+from .registry import compressor_from_config, compressor_to_config, register_compressor
 
 __all__ = ["Compose"]
 
@@ -39,6 +39,16 @@ class Compose(TokenCompressor):
         from .sap import SAP
 
         return cls(PixelShuffle(2, pad=True), SAP(4 * dim, window=2))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"stages": [compressor_to_config(stage) for stage in self.stages]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Compose":
+        stages = config.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise ValueError(f"a Compose config needs a non-empty list 'stages', got {stages!r}")
+        return cls(*(compressor_from_config(stage) for stage in stages))
 
     def out_grid(self, grid: Grid) -> Grid:
         for stage in self.stages:

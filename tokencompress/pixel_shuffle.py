@@ -12,6 +12,8 @@ so it does not give InternVL's layout.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +72,9 @@ class PixelShuffle(TokenCompressor):
     @classmethod
     def for_dim(cls, dim: int) -> "PixelShuffle":
         return cls(pad=True)  # every grid is accepted
+
+    def get_config(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "pad": self.pad}
 
     def out_grid(self, grid: Grid) -> Grid:
         height, width = as_grid(grid)

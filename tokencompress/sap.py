@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -54,6 +56,14 @@ class SAP(TokenCompressor):
     @classmethod
     def for_dim(cls, dim: int) -> "SAP":
         return cls(dim)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "dim": self.in_dim,
+            "window": self.window,
+            "hidden_dim": self.score[0].out_features,
+            "dropout": self.score[2].p,
+        }
 
     def out_grid(self, grid: Grid) -> Grid:
         return window_grid(as_grid(grid), self.window)

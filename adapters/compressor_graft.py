@@ -1,0 +1,377 @@
+"""Graft a visual-token compressor onto a Hugging Face LLaVA model, removably.
+
+    handle = graft_compressor(model, SAP(1152), processor=processor)
+    ...                      # train, generate: every image now gives 81 tokens, not 729
+    handle.remove()          # the model and processor are exactly as before
+
+In transformers 5.x, `LlavaModel.get_image_features` runs the vision tower, selects the
+feature layer(s), drops CLS under the "default" strategy, and hands the selected features
+(num_images, H*W, C) to `multi_modal_projector`. The graft wraps that one submodule (the
+original kept as `base_layer`), so the compressor sees exactly the selected features,
+one image per batch row, and everything downstream (placeholder check, masked scatter,
+the language model, generation with a KV cache) is transformers' own code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
+
+from tokencompress.base import Grid, TokenCompressor, as_grid
+
+from ._image_tokens import processor_image_token_count, set_processor_image_token_count
+from ._wrap import WrappedSubmodule
+
+__all__ = ["CompressedProjector", "CompressorGraft", "Placement", "graft_compressor"]
+
+Placement = Literal["auto", "before_projector", "replace_projector"]
+_PLACEMENTS = ("auto", "before_projector", "replace_projector")
+
+
+class CompressedProjector(nn.Module):
+    """Stands in for LLaVA's `multi_modal_projector`: compress, then project.
+
+    `placement="before_projector"`: `head(compressor(x))`, where `head` is the new
+    `projector` if one was given, else the original projector (`base_layer`).
+    `placement="replace_projector"`: `compressor(x)`; the compressor maps to the text width.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        compressor: TokenCompressor,
+        grid: Grid,
+        placement: Literal["before_projector", "replace_projector"],
+        text_dim: int,
+        projector: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.compressor = compressor
+        self.projector = projector
+        self.grid = as_grid(grid)
+        self.placement = placement
+        self.text_dim = text_dim
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        height, width = self.grid
+        if image_features.dim() != 3 or image_features.shape[1] != height * width:
+            raise ValueError(
+                f"the projector received vision features of shape {tuple(image_features.shape)}, "
+                f"but the compressor expects (num_images, {height * width}, C) on the vision "
+                f"grid {height}x{width}; a vision tower with a CLS token needs "
+                "vision_feature_select_strategy='default', which drops it"
+            )
+        out = self.compressor(image_features, self.grid)
+        tokens = out[0] if isinstance(out, tuple) else out
+        if self.placement == "before_projector":
+            tokens = (self.projector if self.projector is not None else self.base_layer)(tokens)
+        if tokens.shape[-1] != self.text_dim:
+            raise ValueError(
+                f"the grafted projector gives tokens of width {tokens.shape[-1]}, but the "
+                f"language model's width is {self.text_dim}"
+            )
+        return tokens
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, placement={self.placement!r}"
+
+
+def _llava_parts(model: nn.Module) -> tuple[LlavaModel, str]:
+    """The `LlavaModel` inside `model` and the path of its projector from `model`."""
+    if isinstance(model, LlavaForConditionalGeneration):
+        return model.model, "model.multi_modal_projector"
+    if isinstance(model, LlavaModel):
+        return model, "multi_modal_projector"
+    raise TypeError(
+        "graft_compressor supports transformers' LlavaForConditionalGeneration and LlavaModel "
+        f"(model_type 'llava'), got {type(model).__name__}"
+    )
+
+
+def _vision_grid(config: Any) -> Grid:
+    vision = config.vision_config
+    image_size, patch_size = vision.image_size, vision.patch_size
+    if not isinstance(image_size, int) or not isinstance(patch_size, int):
+        raise ValueError(
+            "graft_compressor needs an int vision_config.image_size and patch_size, got "
+            f"image_size={image_size!r}, patch_size={patch_size!r}"
+        )
+    return image_size // patch_size, image_size // patch_size
+
+
+def _projector_widths(config: Any) -> tuple[int, int]:
+    """(input, output) widths of LLaVA's projector, as `LlavaMultiModalProjector` sizes them."""
+    layers = config.vision_feature_layer
+    num_layers = 1 if isinstance(layers, int) else len(layers)
+    return config.vision_config.hidden_size * num_layers, config.text_config.hidden_size
+
+
+def _resolve_placement(
+    placement: str, compressed_dim: int, vision_dim: int, text_dim: int, new_projector: bool
+) -> Literal["before_projector", "replace_projector"]:
+    if placement not in _PLACEMENTS:
+        raise ValueError(f"placement must be one of {_PLACEMENTS}, got {placement!r}")
+    widths = (
+        f"the compressor maps the projector's input width {vision_dim} to {compressed_dim}; "
+        f"the language model's width is {text_dim}"
+    )
+    if placement == "replace_projector":
+        if new_projector:
+            raise ValueError("placement='replace_projector' takes no projector=: the compressor is the projector")
+        if compressed_dim != text_dim:
+            raise ValueError(f"placement='replace_projector' needs an output width of {text_dim}: {widths}")
+        return "replace_projector"
+    if new_projector or compressed_dim == vision_dim:
+        return "before_projector"
+    if placement == "auto" and compressed_dim == text_dim:
+        return "replace_projector"
+    raise ValueError(
+        f"{widths}, so the model's projector (which takes width {vision_dim}) cannot follow "
+        f"it. Pass projector=<a module mapping {compressed_dim} -> {text_dim}> to use a new "
+        f"projector after the compressor, or use a compressor that keeps width {vision_dim} "
+        f"or outputs width {text_dim} (which then replaces the projector)"
+    )
+
+
+def _match_wrapped(module: nn.Module | None, like: nn.Module) -> None:
+    """Move `module` to `like`'s device and dtype, and give it `like`'s train/eval mode."""
+    if module is None:
+        return
+    # A new module is in training mode; grafted into a model in eval mode, its dropout
+    # would make inference random. It follows the model's mode from then on.
+    module.train(like.training)
+    reference = next(like.parameters(), None)
+    if reference is not None:
+        # As peft does for its layers: the new weights live where the wrapped ones do.
+        module.to(device=reference.device, dtype=reference.dtype)
+
+
+class CompressorGraft:
+    """What `graft_compressor` changed, and how to undo or save it.
+
+    Attributes:
+        model: the grafted model.
+        compressor, projector: the grafted compressor and the new projector (or None).
+        placement: "before_projector" or "replace_projector".
+        grid: the vision grid (H, W) the compressor runs on.
+        num_image_tokens: image tokens per image now; `original_num_image_tokens` before.
+        processor: the processor whose placeholder count follows the graft, if given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Any,
+        wrapped: WrappedSubmodule,
+        processor: LlavaProcessor | None,
+        hook: RemovableHandle,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self._config = config
+        self._wrapped = wrapped
+        self._hook = hook
+        self.module: CompressedProjector = wrapped.wrapper  # type: ignore[assignment]
+        # What the graft changes, as it was: restored by remove().
+        self._original_image_seq_length = config.image_seq_length
+        self._original_num_additional_image_tokens = (
+            processor.num_additional_image_tokens if processor is not None else None
+        )
+
+    # -- what is grafted --------------------------------------------------------------
+    @property
+    def compressor(self) -> TokenCompressor:
+        return self.module.compressor
+
+    @property
+    def projector(self) -> nn.Module | None:
+        return self.module.projector
+
+    @property
+    def placement(self) -> str:
+        return self.module.placement
+
+    @property
+    def grid(self) -> Grid:
+        return self.module.grid
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.compressor.num_out_tokens(self.grid)
+
+    @property
+    def original_num_image_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def active(self) -> bool:
+        return self._wrapped.active
+
+    # -- undo -------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Put back the original projector, the config's and the processor's token count."""
+        self._wrapped.remove()  # raises if already removed, before anything else changes
+        self._hook.remove()
+        self._restore_counts()
+
+    def _restore_counts(self) -> None:
+        self._config.image_seq_length = self._original_image_seq_length
+        if self.processor is not None:
+            self.processor.num_additional_image_tokens = self._original_num_additional_image_tokens
+
+    def _apply_counts(self) -> None:
+        self._config.image_seq_length = self.num_image_tokens
+        if self.processor is not None:
+            image_size = self._config.vision_config.image_size
+            set_processor_image_token_count(
+                self.processor, (image_size, image_size), self.num_image_tokens
+            )
+
+    # -- save -------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, *, save_base_model: bool = False) -> None:
+        """Write the graft (settings JSON + safetensors weights) to `folder`.
+
+        With `save_base_model=True`, also the ungrafted model and processor (their own
+        `save_pretrained`), so that `from_pretrained` + `load_compressor_graft` on
+        `folder` gives this grafted model back. A grafted model's own `save_pretrained`
+        would write the wrapper's parameter names, which a plain LLaVA does not load.
+        """
+        from .compressor_graft_io import save_compressor_graft
+
+        if save_base_model and not self.active:
+            raise RuntimeError("this graft was removed; save the model with its own save_pretrained")
+        save_compressor_graft(self, folder)
+        if save_base_model:
+            with self._wrapped.lifted():
+                self._restore_counts()
+                try:
+                    self.model.save_pretrained(folder)
+                    if self.processor is not None:
+                        self.processor.save_pretrained(folder)
+                finally:
+                    self._apply_counts()
+
+    def __repr__(self) -> str:
+        return (
+            f"CompressorGraft({type(self.compressor).__name__}, placement={self.placement!r}, "
+            f"grid={self.grid}, image tokens {self.original_num_image_tokens} -> "
+            f"{self.num_image_tokens}, active={self.active})"
+        )
+
+
+def _placeholder_check(
+    llava: LlavaModel, num_image_tokens: int, original: int, name: str
+) -> RemovableHandle:
+    """A forward pre-hook on `LlavaModel`: the prompt's placeholders match the compressed images."""
+
+    def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if len(args) > 0 else None)
+        pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        if kwargs.get("image_sizes") is not None:
+            # get_image_features would split the compressed features by the uncompressed sizes.
+            raise ValueError("a grafted compressor does not support image_sizes (per-image sizes)")
+        # `generate` encodes the images first (get_image_features, through the graft) and
+        # passes them as mm_encoder_outputs["image"].pooler_output: one tensor per image.
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if input_ids is None or torch.compiler.is_compiling():
+            return  # inputs_embeds: transformers' own check still runs
+        if pixel_values is not None:
+            num_images, expected = pixel_values.shape[0], pixel_values.shape[0] * num_image_tokens
+        elif encoded is not None and encoded.pooler_output is not None:
+            num_images = len(encoded.pooler_output)
+            expected = sum(features.shape[0] for features in encoded.pooler_output)
+        else:
+            return  # decoding steps: no images
+        found = int((input_ids == llava.config.image_token_id).sum())
+        if found != expected:
+            stale = " (the ungrafted count)" if found == num_images * original else ""
+            raise ValueError(
+                f"the prompt has {found} image placeholder tokens{stale} but the grafted "
+                f"{name} gives {num_image_tokens} tokens per image x {num_images} images = "
+                f"{expected}; build prompts with the processor passed to graft_compressor, "
+                f"which writes {num_image_tokens} placeholders per image"
+            )
+
+    return llava.register_forward_pre_hook(check, with_kwargs=True)
+
+
+def graft_compressor(
+    model: LlavaForConditionalGeneration | LlavaModel,
+    compressor: TokenCompressor,
+    *,
+    processor: LlavaProcessor | None = None,
+    placement: Placement = "auto",
+    projector: nn.Module | None = None,
+) -> CompressorGraft:
+    """Run `compressor` on each image's selected vision features, before the projector.
+
+    Args:
+        model: a transformers LLaVA model (`LlavaForConditionalGeneration` or `LlavaModel`).
+        compressor: any `TokenCompressor`; it runs on the vision grid
+            (image_size // patch_size per side) of each image. It is moved to the
+            projector's device and dtype, and takes its train/eval mode.
+        processor: the model's `LlavaProcessor`; its placeholder count per image becomes
+            `compressor.num_out_tokens(grid)` (restored by `remove()`).
+        placement: "auto" (default) keeps the projector after a compressor that keeps the
+            width, and replaces it by a compressor whose output width is the text width
+            (e.g. `LDP(vision_dim, text_dim)`); "before_projector" or
+            "replace_projector" force it (needed when the two widths are equal).
+        projector: a new projector, used after the compressor instead of the model's own,
+            for a compressor that changes the width (PixelShuffle: 4C). Without it such a
+            compressor is a ValueError naming the widths.
+
+    Returns:
+        a `CompressorGraft`: `remove()` undoes everything; `save_pretrained(folder)` saves it.
+    """
+    llava, path = _llava_parts(model)
+    if isinstance(model.get_submodule(path), CompressedProjector):
+        raise ValueError("this model already has a grafted compressor; remove() that graft first")
+    if not isinstance(compressor, TokenCompressor):
+        raise TypeError(f"compressor must be a TokenCompressor, got {type(compressor).__name__}")
+    config = llava.config
+    grid = _vision_grid(config)
+    vision_dim, text_dim = _projector_widths(config)
+    try:
+        compressor.check_dim(vision_dim)
+        compressed_dim = compressor.out_dim(vision_dim)
+        num_image_tokens = compressor.num_out_tokens(grid)
+    except ValueError as error:
+        raise ValueError(
+            f"{type(compressor).__name__} cannot take this model's vision features "
+            f"(grid {grid[0]}x{grid[1]}, width {vision_dim}): {error}"
+        ) from error
+    resolved = _resolve_placement(placement, compressed_dim, vision_dim, text_dim, projector is not None)
+
+    if processor is not None:
+        image_size = (config.vision_config.image_size,) * 2
+        current = processor_image_token_count(processor, image_size)
+        if current != grid[0] * grid[1]:
+            raise ValueError(
+                f"the processor writes {current} image placeholders per image, but the vision "
+                f"grid {grid[0]}x{grid[1]} has {grid[0] * grid[1]} tokens; the compressor needs "
+                "exactly the grid's tokens (with a CLS token, use "
+                "vision_feature_select_strategy='default' in both the config and the processor)"
+            )
+
+    base_projector = model.get_submodule(path)
+    _match_wrapped(compressor, base_projector)
+    _match_wrapped(projector, base_projector)
+    wrapped = WrappedSubmodule.install(
+        model,
+        path,
+        lambda original: CompressedProjector(original, compressor, grid, resolved, text_dim, projector),
+    )
+    hook = _placeholder_check(llava, num_image_tokens, grid[0] * grid[1], type(compressor).__name__)
+    graft = CompressorGraft(model, config, wrapped, processor, hook)
+    try:
+        graft._apply_counts()
+    except Exception:
+        graft.remove()  # all or nothing: no half-grafted model
+        raise
+    return graft
