@@ -139,3 +139,13 @@ def test_unregistered_subclass_has_no_config() -> None:
 
     with pytest.raises(ValueError, match="Shadow: its class is not registered"):
         compressor_to_config(Shadow())
+
+
+@pytest.mark.parametrize("name", list_compressors())
+def test_runs_on_the_meta_device(name: str) -> None:
+    """Profilers build full-size models on `meta` and count FLOPs without memory."""
+    with torch.device("meta"):
+        compressor = get_compressor_class(name).for_dim(WIDTH)
+        out = compressor(torch.empty(2, 36, WIDTH), grid=(6, 6))
+    assert out.device.type == "meta"
+    assert out.shape == (2, compressor.num_out_tokens((6, 6)), compressor.out_dim(WIDTH))
