@@ -3,3 +3,8 @@
 # Compressor graft: a TokenCompressor before (or instead of) LLaVA's multimodal projector.
 from .compressor_graft import CompressedProjector, CompressorGraft, graft_compressor
 from .compressor_graft_io import load_compressor_graft
+
+# EmbQ graft: FlashSloth's query tokens and EmbQ inside the LLM, and prompts that place them.
+from .embq import EmbQGraft, graft_embq
+from .embq_io import load_embq_graft
+from .prompt import EncodedPrompt, QueryBlock, build_prompt, chat_template, pad_prompts, vicuna_v1

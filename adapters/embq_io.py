@@ -1,0 +1,127 @@
+"""An EmbQ graft on disk: settings as JSON, weights as safetensors, beside the model.
+
+    folder/
+      embq_graft_config.json     layer, query tokens and ids, "." id, EmbQ's sizes
+      embq_graft.safetensors     "embq.*" (EmbQ's weights) and "query_vectors"
+      config.json, model.safetensors, tokenizer files ...   (optional: the ungrafted model)
+
+`EmbQGraft.save_pretrained(folder)` writes the two graft files; `load_embq_graft(model,
+folder, tokenizer=...)` grafts them onto a model, typically one just loaded from the same
+folder with `from_pretrained` (its vocabulary already covers the query tokens). Only JSON
+and safetensors are read: no pickle, no code from the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tokencompress import EmbQ
+
+from .embq import EmbQGraft, graft_embq
+
+__all__ = ["EMBQ_CONFIG_NAME", "EMBQ_WEIGHTS_NAME", "save_embq_graft", "load_embq_graft"]
+
+EMBQ_CONFIG_NAME = "embq_graft_config.json"
+EMBQ_WEIGHTS_NAME = "embq_graft.safetensors"
+_FORMAT = "tokencompress.embq_graft"
+_FORMAT_VERSION = 1
+_EMBQ_SIZES = ("text_dim", "vision_dim", "inner_dim", "num_heads")
+
+
+def save_embq_graft(graft: EmbQGraft, folder: str | Path) -> None:
+    """Write `graft`'s settings and weights to `folder` (created if needed)."""
+    if not graft.active:
+        raise RuntimeError("this EmbQ graft was removed; there is nothing to save")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    embq = graft.embq
+    record = {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "layer": graft.layer,
+        "num_queries": graft.num_queries,
+        "query_tokens": list(graft.query_tokens),
+        "query_token_ids": list(graft.token_ids),
+        "dot_token_id": graft.dot_token_id,
+        "embq_class": f"{type(embq).__module__}.{type(embq).__qualname__}",
+        # Sizes to rebuild a tokencompress EmbQ; another class is rebuilt by the caller.
+        "embq": {name: getattr(embq, name) for name in _EMBQ_SIZES} if type(embq) is EmbQ else None,
+    }
+    (folder / EMBQ_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tensors = {f"embq.{name}": value for name, value in embq.state_dict().items()}
+    tensors["query_vectors"] = graft.query_vectors.detach()
+    save_file({name: value.contiguous() for name, value in tensors.items()}, str(folder / EMBQ_WEIGHTS_NAME))
+
+
+def _read_record(folder: Path) -> dict[str, Any]:
+    path = folder / EMBQ_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no EmbQ graft in {folder}: {EMBQ_CONFIG_NAME} is missing")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not an EmbQ graft config (no 'format': {_FORMAT!r})")
+    if record.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {record.get('format_version')!r}; this version of "
+            f"tokencompress reads {_FORMAT_VERSION}"
+        )
+    return record
+
+
+def load_embq_graft(
+    model: nn.Module, folder: str | Path, *, tokenizer: Any, embq: nn.Module | None = None
+) -> EmbQGraft:
+    """Graft the EmbQ saved in `folder` onto `model`, with its weights.
+
+    `tokenizer` should be the one saved with the graft (it holds the query tokens with the
+    saved ids); a tokenizer that gives them other ids is an error. `embq` is needed only
+    for a module class other than `tokencompress.EmbQ` (its weights are loaded into it).
+    """
+    folder = Path(folder)
+    record = _read_record(folder)
+    if embq is None:
+        if record["embq"] is None:
+            raise ValueError(
+                f"the graft in {folder} holds a {record['embq_class']}, which only the caller can "
+                "rebuild; pass embq=<a new instance>"
+            )
+        embq = EmbQ(**{name: int(record["embq"][name]) for name in _EMBQ_SIZES})
+    graft = graft_embq(
+        model,
+        embq,
+        layer=int(record["layer"]),
+        tokenizer=tokenizer,
+        num_queries=int(record["num_queries"]),
+        query_tokens=record["query_tokens"],
+        dot_token_id=int(record["dot_token_id"]),
+    )
+    try:
+        if list(graft.token_ids) != list(record["query_token_ids"]):
+            raise ValueError(
+                f"the tokenizer gives the query tokens the ids {list(graft.token_ids)}, but the graft "
+                f"was saved with {record['query_token_ids']}; load the tokenizer saved with the graft"
+            )
+        tensors = load_file(str(folder / EMBQ_WEIGHTS_NAME), device=str(graft.query_vectors.device))
+        vectors = tensors.pop("query_vectors", None)
+        if vectors is None or vectors.shape != graft.query_vectors.shape:
+            raise ValueError(
+                f"{EMBQ_WEIGHTS_NAME} has no query_vectors of shape {tuple(graft.query_vectors.shape)}"
+            )
+        strays = [name for name in tensors if not name.startswith("embq.")]
+        if strays:
+            raise ValueError(f"{EMBQ_WEIGHTS_NAME} holds keys other than embq.* and query_vectors: {strays}")
+        state = {name.removeprefix("embq."): value for name, value in tensors.items()}
+        # strict: a missing or unexpected key is an error, never a silently random weight.
+        graft.embq.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            graft.query_vectors.copy_(vectors)
+    except Exception:
+        graft.remove()
+        raise
+    return graft

@@ -1,0 +1,1 @@
+"""Training recipes built from the tokencompress library (run from the repository root)."""

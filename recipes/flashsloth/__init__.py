@@ -1,0 +1,15 @@
+"""FlashSloth recipe: configs, data, preprocessing, template, checkpoints and schedule.
+
+One module per job, each usable on its own:
+
+- `config`: typed YAML configs with ``key=value`` overrides.
+- `synthetic`: a small synthetic LLaVA-format data set (``python -m recipes.flashsloth.synthetic``).
+- `tokenizer`: a tiny byte-level BPE tokenizer trained in code, for CPU runs and tests.
+- `image_processing`: SigLIP and FlashSloth-HD preprocessing.
+- `template`: Vicuna-v1 and "plain" templates, tokenized segment by segment.
+- `data`: LLaVA JSON data sets, the padding collator and a resumable, sharded sampler.
+- `schedule`: linear warmup + cosine learning-rate schedule.
+- `checkpoint`: atomic safetensors + JSON checkpoints and RNG capture for exact resume.
+
+Heavy imports (PIL, tokenizers) stay inside the modules that need them.
+"""
