@@ -10,6 +10,11 @@ One module per job, each usable on its own:
 - `data`: LLaVA JSON data sets, the padding collator and a resumable, sharded sampler.
 - `schedule`: linear warmup + cosine learning-rate schedule.
 - `checkpoint`: atomic safetensors + JSON checkpoints and RNG capture for exact resume.
+- `model`: `FlashSlothConfig` presets (paper, paper_hd, tiny), `build_flashsloth`, and
+  `FlashSloth` (save_pretrained / from_pretrained, components for stage-wise training).
+- `convert`: the authors' released checkpoints -> a `FlashSloth` folder
+  (``python -m recipes.flashsloth.convert``).
+- `chat`: batched greedy answers with the KV cache (``python -m recipes.flashsloth.chat``).
 
 Heavy imports (PIL, tokenizers) stay inside the modules that need them.
 """
