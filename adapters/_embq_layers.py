@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokencompress._autocast import autocast_active
+
 from ._embq_call import EmbQCall
 
 __all__ = ["QueryEmbedding", "EmbQDecoderLayer", "CALL_KEY"]
@@ -107,6 +109,6 @@ class EmbQDecoderLayer(_Wrapper):
 def _compute_dtype(module: nn.Module, like: torch.Tensor) -> torch.dtype:
     """EmbQ's parameter dtype (it checks its inputs against it); under autocast, `like`'s."""
     parameter = next(module.parameters(), None)
-    if parameter is None or torch.is_autocast_enabled(like.device.type):
+    if parameter is None or autocast_active(like.device.type):
         return like.dtype
     return parameter.dtype

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._autocast import autocast_active
+
 Grid = tuple[int, int]
 
 __all__ = ["Grid", "TokenCompressor", "as_grid", "resolve_grid", "check_tokens"]
@@ -139,9 +141,8 @@ class TokenCompressor(nn.Module, metaclass=ABCMeta):
         return out
 
     def _check_dtype(self, x: torch.Tensor) -> None:
-        # Under autocast the parameters legitimately differ from the input's dtype. (The
-        # meta device, used to count FLOPs without memory, has no autocast to ask about.)
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        # Under autocast the parameters legitimately differ from the input's dtype.
+        if autocast_active(x.device.type):
             return
         param = next(self.parameters(), None)
         if param is not None and param.is_floating_point() and param.dtype != x.dtype:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._autocast import autocast_active
 from .base import check_tokens
 from .ops.padding import segment_positions
 
@@ -234,7 +235,7 @@ class EmbQ(nn.Module):
     # -- validation ----------------------------------------------------------------------
     def _check_dtype(self, **tensors: torch.Tensor) -> None:
         param = self.down_text.weight
-        if param.device.type != "meta" and torch.is_autocast_enabled(param.device.type):
+        if autocast_active(param.device.type):
             return  # under autocast the inputs legitimately differ from the parameters
         for name, x in tensors.items():
             if x.dtype != param.dtype:

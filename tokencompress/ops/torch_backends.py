@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._autocast import autocast_active
+
 __all__ = [
     "compute_dtype",
     "no_autocast",
@@ -28,7 +30,7 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast switched off on x's device: it would recast the float32 maths to fp16/bf16."""
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_active(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
 
