@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-__all__ = ["WrappedSubmodule"]
+__all__ = ["WrappedSubmodule", "refuse_other_wrappers"]
 
 
 def _split_path(path: str) -> tuple[str, str]:
@@ -86,3 +86,23 @@ class WrappedSubmodule:
             )
         parent_path, name = _split_path(self.path)
         setattr(self.root.get_submodule(parent_path), name, module)
+
+
+def refuse_other_wrappers(model: nn.Module) -> None:
+    """Raise if a wrapper (a module with a `base_layer`) is still in `model`.
+
+    Called, with every graft being saved lifted, before a model's own `save_pretrained`:
+    a wrapper left in would write its parameter names (`....base_layer.weight`), which
+    the plain model does not load.
+    """
+    wrapped = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "base_layer", None), nn.Module)
+    ]
+    if wrapped:
+        raise RuntimeError(
+            f"the model has other grafts ({', '.join(wrapped)}), whose wrappers would be saved: "
+            "save it with tokencompress.adapters.save_grafted(model, folder, *grafts), which "
+            "lifts them all"
+        )

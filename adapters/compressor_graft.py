@@ -14,6 +14,8 @@ the language model, generation with a KV cache) is transformers' own code.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +27,7 @@ from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcess
 from tokencompress.base import Grid, TokenCompressor, as_grid
 
 from ._image_tokens import processor_image_token_count, set_processor_image_token_count
-from ._wrap import WrappedSubmodule
+from ._wrap import WrappedSubmodule, refuse_other_wrappers
 
 __all__ = ["CompressedProjector", "CompressorGraft", "Placement", "graft_compressor"]
 
@@ -153,7 +155,7 @@ def _match_wrapped(module: nn.Module | None, like: nn.Module) -> None:
 
 
 class CompressorGraft:
-    """What `graft_compressor` changed, and how to undo or save it.
+    """What `graft_compressor` changed, and how to undo, lift or save it.
 
     Attributes:
         model: the grafted model.
@@ -171,12 +173,14 @@ class CompressorGraft:
         wrapped: WrappedSubmodule,
         processor: LlavaProcessor | None,
         hook: RemovableHandle,
+        check: _PlaceholderCheck | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
         self._config = config
         self._wrapped = wrapped
         self._hook = hook
+        self._check = check  # the hook's function, switched off while lifted
         self.module: CompressedProjector = wrapped.wrapper  # type: ignore[assignment]
         # What the graft changes, as it was: restored by remove().
         self._original_image_seq_length = config.image_seq_length
@@ -233,6 +237,24 @@ class CompressorGraft:
                 self.processor, (image_size, image_size), self.num_image_tokens
             )
 
+    @contextmanager
+    def lifted(self) -> Iterator[None]:
+        """Within the block the model and processor are ungrafted: the original projector
+        in place, the config's and the processor's image token counts as before, the
+        placeholder check idle; e.g. to save them with their own `save_pretrained`."""
+        if not self.active:
+            raise RuntimeError("this compressor graft was removed")
+        with self._wrapped.lifted():  # raises, before anything changes, under a later wrapper
+            self._restore_counts()
+            if self._check is not None:
+                self._check.enabled = False
+            try:
+                yield
+            finally:
+                if self._check is not None:
+                    self._check.enabled = True
+                self._apply_counts()
+
     # -- save -------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, *, save_base_model: bool = False) -> None:
         """Write the graft (settings JSON + safetensors weights) to `folder`.
@@ -240,22 +262,23 @@ class CompressorGraft:
         With `save_base_model=True`, also the ungrafted model and processor (their own
         `save_pretrained`), so that `from_pretrained` + `load_compressor_graft` on
         `folder` gives this grafted model back. A grafted model's own `save_pretrained`
-        would write the wrapper's parameter names, which a plain LLaVA does not load.
+        would write the wrapper's parameter names, which a plain LLaVA does not load; for
+        the same reason this refuses (RuntimeError) while another graft is in the model:
+        save a model with several grafts with `save_grafted(model, folder, *grafts)`.
         """
         from .compressor_graft_io import save_compressor_graft
 
-        if save_base_model and not self.active:
+        if not save_base_model:
+            save_compressor_graft(self, folder)
+            return
+        if not self.active:
             raise RuntimeError("this graft was removed; save the model with its own save_pretrained")
-        save_compressor_graft(self, folder)
-        if save_base_model:
-            with self._wrapped.lifted():
-                self._restore_counts()
-                try:
-                    self.model.save_pretrained(folder)
-                    if self.processor is not None:
-                        self.processor.save_pretrained(folder)
-                finally:
-                    self._apply_counts()
+        with self.lifted():
+            refuse_other_wrappers(self.model)  # before any file is written
+            save_compressor_graft(self, folder)
+            self.model.save_pretrained(folder)
+            if self.processor is not None:
+                self.processor.save_pretrained(folder)
 
     def __repr__(self) -> str:
         return (
@@ -265,12 +288,20 @@ class CompressorGraft:
         )
 
 
-def _placeholder_check(
-    llava: LlavaModel, num_image_tokens: int, original: int, name: str
-) -> RemovableHandle:
+class _PlaceholderCheck:
     """A forward pre-hook on `LlavaModel`: the prompt's placeholders match the compressed images."""
 
-    def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(self, llava: LlavaModel, num_image_tokens: int, original: int, name: str) -> None:
+        self.llava = llava
+        self.num_image_tokens = num_image_tokens
+        self.original = original
+        self.name = name
+        self.enabled = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        num_image_tokens = self.num_image_tokens
         input_ids = kwargs.get("input_ids", args[0] if len(args) > 0 else None)
         pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
         if kwargs.get("image_sizes") is not None:
@@ -288,17 +319,15 @@ def _placeholder_check(
             expected = sum(features.shape[0] for features in encoded.pooler_output)
         else:
             return  # decoding steps: no images
-        found = int((input_ids == llava.config.image_token_id).sum())
+        found = int((input_ids == self.llava.config.image_token_id).sum())
         if found != expected:
-            stale = " (the ungrafted count)" if found == num_images * original else ""
+            stale = " (the ungrafted count)" if found == num_images * self.original else ""
             raise ValueError(
                 f"the prompt has {found} image placeholder tokens{stale} but the grafted "
-                f"{name} gives {num_image_tokens} tokens per image x {num_images} images = "
+                f"{self.name} gives {num_image_tokens} tokens per image x {num_images} images = "
                 f"{expected}; build prompts with the processor passed to graft_compressor, "
                 f"which writes {num_image_tokens} placeholders per image"
             )
-
-    return llava.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def graft_compressor(
@@ -328,7 +357,16 @@ def graft_compressor(
 
     Returns:
         a `CompressorGraft`: `remove()` undoes everything; `save_pretrained(folder)` saves it.
+        (Qwen2-VL and Qwen2.5-VL: a `Qwen2VLCompressorGraft`, see `graft_qwen2_vl_compressor`.)
     """
+    from ._qwen2_vl_parts import is_qwen2_vl
+
+    if is_qwen2_vl(model):
+        from .qwen2_vl import graft_qwen2_vl_compressor  # imported here: qwen2_vl imports this module
+
+        return graft_qwen2_vl_compressor(
+            model, compressor, processor=processor, placement=placement, projector=projector
+        )
     llava, path = _llava_parts(model)
     if isinstance(model.get_submodule(path), CompressedProjector):
         raise ValueError("this model already has a grafted compressor; remove() that graft first")
@@ -367,8 +405,9 @@ def graft_compressor(
         path,
         lambda original: CompressedProjector(original, compressor, grid, resolved, text_dim, projector),
     )
-    hook = _placeholder_check(llava, num_image_tokens, grid[0] * grid[1], type(compressor).__name__)
-    graft = CompressorGraft(model, config, wrapped, processor, hook)
+    check = _PlaceholderCheck(llava, num_image_tokens, grid[0] * grid[1], type(compressor).__name__)
+    hook = llava.register_forward_pre_hook(check, with_kwargs=True)
+    graft = CompressorGraft(model, config, wrapped, processor, hook, check)
     try:
         graft._apply_counts()
     except Exception:

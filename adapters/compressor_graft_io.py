@@ -105,8 +105,16 @@ def load_compressor_graft(
     The compressor is rebuilt from the saved settings, unless `compressor` is given (needed
     when it was saved without settings, e.g. an unregistered class). A graft saved with a
     new projector needs `projector=`, a module of the same architecture; its weights are
-    loaded from the folder.
+    loaded from the folder. Qwen2-VL / Qwen2.5-VL models: `load_qwen2_vl_compressor_graft`.
     """
+    from ._qwen2_vl_parts import is_qwen2_vl
+
+    if is_qwen2_vl(model):
+        from .qwen2_vl_io import load_qwen2_vl_compressor_graft  # imported here: qwen2_vl_io imports this module
+
+        return load_qwen2_vl_compressor_graft(
+            model, folder, processor=processor, compressor=compressor, projector=projector
+        )
     folder = Path(folder)
     record = _read_record(folder)
     llava, _ = _llava_parts(model)

@@ -44,7 +44,7 @@ from transformers import LlavaForConditionalGeneration, LlavaModel
 from ._embq_hooks import CallRouter
 from ._embq_layers import EmbQDecoderLayer, QueryEmbedding
 from ._image_tokens import processor_image_token_count
-from ._wrap import WrappedSubmodule
+from ._wrap import WrappedSubmodule, refuse_other_wrappers
 from .prompt import INSTRUCTION_MAP_KEY, EncodedPrompt, build_prompt
 
 __all__ = ["EmbQGraft", "graft_embq", "DEFAULT_QUERY_TOKEN"]
@@ -189,33 +189,23 @@ class EmbQGraft:
         With `save_base_model=True`, also the ungrafted model (its own `save_pretrained`,
         with the grown vocabulary) and the tokenizer (with the query tokens), so that
         `from_pretrained` + `load_embq_graft` on `folder` give this grafted model back.
+        That refuses (RuntimeError) while another graft is in the model: save a model
+        with several grafts with `save_grafted(model, folder, *grafts)`.
         """
         from .embq_io import save_embq_graft
 
-        save_embq_graft(self, folder)
-        if save_base_model:
-            with self.lifted():
-                _refuse_other_wrappers(self.model)
-                self.model.save_pretrained(folder)
-            self.tokenizer.save_pretrained(folder)
+        if not save_base_model:
+            save_embq_graft(self, folder)
+            return
+        with self.lifted():  # raises if the graft was removed
+            refuse_other_wrappers(self.model)  # before any file is written
+            save_embq_graft(self, folder)
+            self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"EmbQGraft(layer={self.layer}, num_queries={self.num_queries}, {state})"
-
-
-def _refuse_other_wrappers(model: nn.Module) -> None:
-    """Saving the base model with another graft's wrapper in it would write its names."""
-    wrapped = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "base_layer", None), nn.Module)
-    ]
-    if wrapped:
-        raise RuntimeError(
-            f"the model has other grafts ({', '.join(wrapped)}): save the base model with all of "
-            "them lifted, then each graft's files with save_pretrained(folder)"
-        )
 
 
 def _llava_core(model: nn.Module) -> LlavaModel:
@@ -294,7 +284,8 @@ def graft_embq(
     """Add `num_queries` query tokens and run `embq` on them before decoder layer `layer`.
 
     Args:
-        model: a transformers LLaVA model (`LlavaForConditionalGeneration` or `LlavaModel`).
+        model: a transformers LLaVA model (`LlavaForConditionalGeneration` or `LlavaModel`);
+            Qwen2-VL and Qwen2.5-VL go to `graft_qwen2_vl_embq`.
         embq: a `tokencompress.EmbQ` (text_dim = the LLM's width, vision_dim = the
             selected vision features' width); moved to the embedding's device and dtype.
         layer: 1-based, as the paper counts: layer=8 applies EmbQ to the input of the 8th
@@ -307,6 +298,15 @@ def graft_embq(
     Returns:
         an `EmbQGraft`: `remove()` undoes it, `save_pretrained(folder)` saves it.
     """
+    from ._qwen2_vl_parts import is_qwen2_vl
+
+    if is_qwen2_vl(model):
+        from .qwen2_vl_embq import graft_qwen2_vl_embq  # imported here: qwen2_vl_embq imports this module
+
+        return graft_qwen2_vl_embq(
+            model, embq, layer=layer, tokenizer=tokenizer, num_queries=num_queries,
+            query_tokens=query_tokens, dot_token=dot_token, dot_token_id=dot_token_id,
+        )
     llava = _llava_core(model)
     language_model = llava.language_model
     num_layers = len(language_model.layers)
@@ -334,8 +334,13 @@ def graft_embq(
     return graft
 
 
-def _apply(graft: EmbQGraft, model: nn.Module, llava: LlavaModel, embq: nn.Module) -> None:
-    """Make the changes `graft` records, in the order `EmbQGraft._undo` can take back."""
+def _apply(
+    graft: EmbQGraft, model: nn.Module, llava: nn.Module, embq: nn.Module, router_class: type[CallRouter] = CallRouter
+) -> None:
+    """Make the changes `graft` records, in the order `EmbQGraft._undo` can take back.
+
+    `llava` is the multimodal core (a `LlavaModel`, or another backbone's core with the
+    `router_class` that reads its vision features)."""
     changes, token_ids = graft._changes, list(graft.token_ids)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
@@ -359,7 +364,7 @@ def _apply(graft: EmbQGraft, model: nn.Module, llava: LlavaModel, embq: nn.Modul
     graft._decoder_layer = WrappedSubmodule.install(
         model, _path_of(model, decoder_layer), lambda base: EmbQDecoderLayer(base, embq)
     )
-    graft._router = CallRouter(llava, token_ids, embq)
+    graft._router = router_class(llava, token_ids, embq)
     changes.hooks += graft._router.install(model)
     if generation_config is not None:
         generation_config.suppress_tokens = sorted(set(changes.suppress_tokens or []) | set(token_ids))

@@ -7,19 +7,36 @@
 
 A template turns a conversation into pieces (template text, the user's instruction,
 images, the slot of a query block, the assistant's reply). `build_prompt` tokenizes the
-pieces one by one and concatenates the token ids, so every position it reports is a
-position in the ids it returns: nothing is found afterwards by searching the text for
+text between the places where ids that are not text go in (image placeholders, query
+blocks) and the replies, and concatenates the token ids, so every position it reports is
+a position in the ids it returns: nothing is found afterwards by searching the text for
 role names or by counting from a fixed offset. One query block goes into each user turn
 (the template says where: `vicuna_v1` and `chat_template` put it right after the user's
 words, before the assistant's reply), and the block reads the instruction tokens of its
-turn: the user's text. Image placeholders are vision, not instruction, so they are never
-part of an instruction span.
+turn: the tokens that carry the user's text. Image placeholders are vision, not
+instruction, so they are never part of an instruction span.
+
+How text is cut into segments, each tokenized with one tokenizer call:
+
+- Adjacent `Text` and `Instruction` pieces are joined and tokenized as one string, as the
+  rendered prompt would be: with phi-2's byte-level BPE, `" " + "ASSISTANT:"` is
+  `" ASSISTANT", ":"`, and `"USER: " + "What"` is `"USER", ":", " What"`, not `" ",
+  "What"`. Which tokens are instruction comes from that tokenization: the tokenizer's
+  offsets say which characters each token covers, and a token that covers any of the
+  user's characters is instruction (`" What"` is, though its space is template text).
+  A tokenizer without offsets (`is_fast` false) tokenizes each instruction alone instead.
+- An image placeholder run and a query block end a segment: the text after them is
+  tokenized on its own, as a prompt with those tokens in place would be.
+- A reply is tokenized alone (its labels are then exactly its tokens, and a generation
+  prompt, which ends where the reply starts, gives a prefix of the training ids); its
+  end (`Reply(..., eos=True)`) is the tokenizer's eos token id, not text.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -75,9 +92,14 @@ class QuerySlot:
 
 @dataclass(frozen=True)
 class Reply:
-    """The assistant's words: the training targets (labels)."""
+    """The assistant's words: the training targets (labels).
+
+    `eos=True` ends the reply with the tokenizer's eos token (its id, not its text), a
+    target too: what a template whose turns end with eos (`vicuna_v1`) returns.
+    """
 
     text: str
+    eos: bool = False
 
 
 Piece = Union[Text, Instruction, Image, QuerySlot, Reply]
@@ -119,15 +141,19 @@ def vicuna_v1(
     add_generation_prompt: bool,
     *,
     system: str = VICUNA_V1_SYSTEM,
-    end_of_reply: str = "</s>",
+    end_of_reply: str | None = None,
     prefix: str = "",
 ) -> list[Piece]:
     """LLaVA's Vicuna-v1 format, as FlashSloth trains it, with a query block per user turn.
 
-    `"{prefix}{system} USER: {instruction}{queries} ASSISTANT: {reply}</s>USER: ..."`: the
-    block follows the user's words, as in FlashSloth's release. A leading "system" message
-    replaces `system`. The reply's leading space and `end_of_reply` are part of the
+    `"{prefix}{system} USER: {instruction}{queries} ASSISTANT: {reply}{eos}USER: ..."`:
+    the block follows the user's words, as in FlashSloth's release. A leading "system"
+    message replaces `system`. The reply's leading space and its end are part of the
     targets, so a model trained on these prompts generates them after "ASSISTANT:".
+    The end of a reply is, by default (`end_of_reply=None`), the tokenizer's eos token
+    (`build_prompt` appends its id: phi-2's `<|endoftext|>`, Vicuna's `</s>`), so that
+    generation stops there; a string is appended to the reply as text instead (e.g.
+    `"</s>"`, which is the eos token only where the tokenizer has it as one).
     `prefix` is e.g. a Llama tokenizer's "<s>" (BOS); phi-2 has none. Change the defaults
     with `functools.partial(vicuna_v1, prefix="<s>")`.
     """
@@ -140,7 +166,11 @@ def vicuna_v1(
         if role == "user":
             pieces += [Text("USER: "), *_user_pieces(message["content"]), QuerySlot(), Text(" ")]
         elif role == "assistant":
-            pieces += [Text("ASSISTANT:"), Reply(" " + _reply_text(message["content"]) + end_of_reply)]
+            text = " " + _reply_text(message["content"])
+            if end_of_reply is None:
+                pieces += [Text("ASSISTANT:"), Reply(text, eos=True)]
+            else:
+                pieces += [Text("ASSISTANT:"), Reply(text + end_of_reply)]
         else:
             raise ValueError(f"vicuna_v1 takes roles 'system' (first), 'user', 'assistant'; got {role!r}")
     if add_generation_prompt:
@@ -252,8 +282,31 @@ class EncodedPrompt:
         return values
 
 
+def _coverage(offsets: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The characters `[first, stop)` each token covers, from the tokenizer's offsets.
+
+    A token covers the characters from the end of the token before it to its own end:
+    byte-level BPE with `trim_offsets` (GPT-2's and phi-2's tokenizer files) reports
+    `" What"` from "W" on and a lone `" "` as `(p, p)`, but the spaces are the token's.
+    A token that ends no later than the one before (a byte of a character split over
+    several tokens) covers the last character it touches.
+    """
+    previous = 0
+    for _, end in offsets:
+        if end > previous:
+            yield previous, end
+            previous = end
+        else:
+            yield max(end - 1, 0), end
+
+
 class _Builder:
-    """Accumulates token ids piece by piece and records what each position is."""
+    """Accumulates token ids piece by piece and records what each position is.
+
+    Text and instruction pieces collect in `run` until something that is not text comes
+    (an image, a query block, a reply, the end): then `flush` tokenizes the run as one
+    string and records which of its tokens are instruction.
+    """
 
     def __init__(self, tokenizer: Any, query_ids: list[int], image_token_id: int | None, num_image_tokens: int):
         self.tokenizer = tokenizer
@@ -265,17 +318,22 @@ class _Builder:
         self.images: list[range] = []
         self.blocks: list[QueryBlock] = []
         self.pending_instruction: list[int] = []
+        self.run: list[tuple[str, bool]] = []  # (text, is instruction) not yet tokenized
         self.reserved = set(query_ids) | ({image_token_id} if image_token_id is not None else set())
+        # Offsets (which characters each token covers) come with the Rust tokenizers.
+        self.has_offsets = bool(getattr(tokenizer, "is_fast", False))
 
-    def _encode(self, text: str) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _encode(self, text: str, *, offsets: bool = False) -> tuple[list[int], list[tuple[int, int]] | None]:
+        extra = {"return_offsets_mapping": True} if offsets else {}
+        encoding = self.tokenizer(text, add_special_tokens=False, **extra)
+        ids = list(encoding["input_ids"])
         clash = self.reserved.intersection(ids)
         if clash:
             raise ValueError(
                 f"the text {text!r} tokenizes to reserved token ids {sorted(clash)} (query or "
                 "image tokens); images go in as image markers or Image pieces, queries as QuerySlot"
             )
-        return ids
+        return ids, ([tuple(pair) for pair in encoding["offset_mapping"]] if offsets else None)
 
     def _append(self, ids: Sequence[int], *, target: bool) -> range:
         start = len(self.ids)
@@ -283,25 +341,66 @@ class _Builder:
         self.labels.extend(ids if target else [IGNORE_INDEX] * len(ids))
         return range(start, len(self.ids))
 
+    def flush(self) -> None:
+        """Tokenize the collected text as one string; its instruction tokens await a block."""
+        run, self.run = self.run, []
+        if not any(is_instruction for _, is_instruction in run):
+            if run:
+                self._append(self._encode("".join(text for text, _ in run))[0], target=False)
+            return
+        if not self.has_offsets:
+            # No offsets to tell instruction tokens apart: each instruction is its own string.
+            for is_instruction, group in itertools.groupby(run, key=lambda part: part[1]):
+                span = self._append(self._encode("".join(text for text, _ in group))[0], target=False)
+                if is_instruction:
+                    self.pending_instruction.extend(span)
+            return
+        text, instruction, at = "", [], 0
+        for part, is_instruction in run:
+            if is_instruction:
+                instruction.append((at, at + len(part)))
+            text, at = text + part, at + len(part)
+        ids, offsets = self._encode(text, offsets=True)
+        span = self._append(ids, target=False)
+        self.pending_instruction.extend(
+            position
+            for position, (first, stop) in zip(span, _coverage(offsets))
+            if any(first < end and stop > start for start, end in instruction)
+        )
+
     def image(self) -> None:
         if self.image_token_id is None or self.num_image_tokens < 1:
             raise ValueError("the prompt has an image: pass image_token_id and num_image_tokens >= 1")
+        self.flush()
         self.images.append(self._append([self.image_token_id] * self.num_image_tokens, target=False))
 
     def text(self, text: str, image_marker: str | None, *, instruction: bool) -> None:
+        # Without query blocks no one reads instructions: they are text like any other.
+        instruction = instruction and bool(self.query_ids)
         parts = text.split(image_marker) if image_marker else [text]
         for index, part in enumerate(parts):
             if index > 0:
                 self.image()
             if part:
-                span = self._append(self._encode(part), target=False)
-                if instruction:
-                    self.pending_instruction.extend(span)
+                self.run.append((part, instruction))
 
-    def reply(self, text: str) -> None:
-        self._append(self._encode(text), target=True)
+    def reply(self, text: str, *, eos: bool) -> None:
+        self.flush()
+        ids = self._encode(text)[0] if text else []
+        if eos:
+            eos_id = getattr(self.tokenizer, "eos_token_id", None)
+            if eos_id is None:
+                raise ValueError(
+                    "the reply ends with the tokenizer's eos token, but the tokenizer has none; "
+                    "give the template an explicit end of reply (vicuna_v1: end_of_reply=...)"
+                )
+            ids.append(int(eos_id))
+        self._append(ids, target=True)
 
     def query_block(self) -> None:
+        if not self.query_ids:  # 0 queries: no block, and nothing to cut the text at
+            return
+        self.flush()
         if not self.pending_instruction:
             raise ValueError("a query block has no instruction tokens before it (a user turn without text?)")
         span = self._append(self.query_ids, target=False)
@@ -326,8 +425,13 @@ def build_prompt(
     Args:
         messages: `{"role": "system" | "user" | "assistant", "content": ...}` dicts; content
             is a string (image markers where images go) or a list of typed parts.
-        tokenizer: called as `tokenizer(text, add_special_tokens=False)` on each piece.
+        tokenizer: called as `tokenizer(text, add_special_tokens=False)` on each segment
+            (with `return_offsets_mapping=True` where it `is_fast`); a reply with
+            `eos=True` ends with `tokenizer.eos_token_id`.
         query_token_ids: the ids of one query block, in order (`EmbQGraft.token_ids`).
+            Empty: no query blocks (a model without EmbQ, stage-1 prompts, the 0-query
+            ablation); the template's query slots are then ignored, the text around them
+            is tokenized as one string, and no instruction spans are recorded.
         template: `vicuna_v1` (FlashSloth), `chat_template(tokenizer)`, or your own.
         image_token_id, num_image_tokens: each image becomes this many placeholder ids
             (after a compressor graft, the compressed count).
@@ -340,8 +444,6 @@ def build_prompt(
             is dropped (its instruction tokens stay, read by no block).
     """
     query_ids = [int(i) for i in query_token_ids]
-    if not query_ids:
-        raise ValueError("query_token_ids is empty")
     if add_generation_prompt is None:
         add_generation_prompt = bool(messages) and messages[-1]["role"] == "user"
     builder = _Builder(tokenizer, query_ids, image_token_id, num_image_tokens)
@@ -355,9 +457,10 @@ def build_prompt(
         elif isinstance(piece, QuerySlot):
             builder.query_block()
         elif isinstance(piece, Reply):
-            builder.reply(piece.text)
+            builder.reply(piece.text, eos=piece.eos)
         else:
             raise TypeError(f"a template returned {piece!r}, which is not a prompt piece")
+    builder.flush()
     if builder.pending_instruction:
         raise ValueError("the template left instruction text without a QuerySlot after it")
     prompt = EncodedPrompt(builder.ids, builder.labels, tuple(builder.blocks), len(builder.images))

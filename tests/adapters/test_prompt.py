@@ -216,3 +216,213 @@ def test_vicuna_prefix_is_tokenized_as_the_special_token(tokenizer, ids):
 def test_vicuna_roles_are_checked():
     with pytest.raises(ValueError, match="roles"):
         vicuna_v1([{"role": "tool", "content": "x"}], True)
+
+
+# -- segments: text between images, query blocks and replies is tokenized as one string --
+PHI_EOS = "<|endoftext|>"
+
+
+def build_bpe_tokenizer(words=("ĠASSISTANT", "USER", "ĠWhat", "Ġis", "Ġit", "ĠA", "Ġcat", "Ġred"), trim_offsets=True):
+    """Byte-level BPE (GPT-2 / phi-2 style) whose merges make `words` single tokens, and
+    phi-2's eos. Byte-level spelling: "Ġ" is a space. Every other byte is a token alone.
+    `trim_offsets`: GPT-2's tokenizer files report offsets without the leading spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = []
+    for word in words:  # a chain of merges per word: "Ġ"+"A", "ĠA"+"S", ...
+        merged = word[0]
+        for symbol in word[1:]:
+            if (merged, symbol) not in merges:
+                merges.append((merged, symbol))
+            merged += symbol
+            vocab.setdefault(merged, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=PHI_EOS, pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    tokenizer.add_tokens(QUERY_TOKENS, special_tokens=True)
+    return tokenizer
+
+
+class WithoutOffsets:
+    """A tokenizer that cannot report offsets (as a Python, `is_fast=False` one)."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, text, **kwargs):
+        assert "return_offsets_mapping" not in kwargs
+        return self._tokenizer(text, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return build_bpe_tokenizer()
+
+
+def bpe_ids(tokenizer):
+    return {
+        "queries": tokenizer.convert_tokens_to_ids(QUERY_TOKENS),
+        "image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    }
+
+
+def tok(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+BPE_CHAT = [
+    {"role": "user", "content": "<image>\nWhat is it?"},
+    {"role": "assistant", "content": "A cat."},
+    {"role": "user", "content": "What is it?"},
+]
+
+
+def test_the_tokenizer_shows_the_difference(bpe):
+    assert bpe.convert_ids_to_tokens(tok(bpe, " ASSISTANT:")) == ["ĠASSISTANT", ":"]
+    assert tok(bpe, " ") + tok(bpe, "ASSISTANT:") != tok(bpe, " ASSISTANT:")  # pieces one by one
+    assert tok(bpe, "USER: ") + tok(bpe, "What") != tok(bpe, "USER: What")
+
+
+def test_text_between_images_queries_and_replies_is_tokenized_as_one_string(bpe):
+    ids = bpe_ids(bpe)
+    prompt = encode(BPE_CHAT, bpe, ids)  # ends with the generation prompt
+    queries, image = ids["queries"], [ids["image"]] * NUM_IMAGE_TOKENS
+    # The rendered prompt, tokenized segment by segment between the ids that are not text.
+    expected = (
+        tok(bpe, f"{VICUNA_V1_SYSTEM} USER: ") + image + tok(bpe, "\nWhat is it?") + queries
+        + tok(bpe, " ASSISTANT:") + tok(bpe, " A cat.") + [bpe.eos_token_id]
+        + tok(bpe, "USER: What is it?") + queries + tok(bpe, " ASSISTANT:")
+    )
+    assert prompt.input_ids == expected
+    after_last_block = prompt.input_ids[prompt.blocks[-1].query_positions.stop:]
+    assert after_last_block == tok(bpe, " ASSISTANT:")
+    assert bpe.convert_ids_to_tokens(after_last_block) == ["ĠASSISTANT", ":"]
+
+
+@pytest.mark.parametrize("trim_offsets", [True, False])
+def test_instruction_tokens_are_those_that_carry_the_users_words(trim_offsets):
+    bpe = build_bpe_tokenizer(trim_offsets=trim_offsets)
+    prompt = encode(BPE_CHAT, bpe, bpe_ids(bpe))
+    second = prompt.blocks[1]
+    tokens = bpe.convert_ids_to_tokens([prompt.input_ids[i] for i in second.instruction_positions])
+    # "USER: What" is "USER", ":", " What": " What" carries the user's word (its space is
+    # the template's), "USER" and ":" carry none of it.
+    assert tokens == ["ĠWhat", "Ġis", "Ġit", "?"]
+    before = second.instruction_positions[0]
+    assert bpe.convert_ids_to_tokens(prompt.input_ids[before - 2:before]) == ["USER", ":"]
+    assert list(second.instruction_positions) == list(range(before, second.query_positions.start))
+    first = prompt.blocks[0]
+    assert decode(bpe, (prompt.input_ids[i] for i in first.instruction_positions)) == "\nWhat is it?"
+
+
+@pytest.mark.parametrize("trim_offsets", [True, False])
+def test_spaces_of_the_template_are_not_instruction(trim_offsets):
+    # "USER: " + "\nWhat": the template's space is a token alone (trimmed offsets: (p, p)).
+    bpe = build_bpe_tokenizer(trim_offsets=trim_offsets)
+    prompt = encode([{"role": "user", "content": "\nWhat  is it?"}], bpe, bpe_ids(bpe))
+    span = prompt.blocks[0].instruction_positions
+    assert bpe.convert_ids_to_tokens(prompt.input_ids[span[0] - 3:span[0]]) == ["USER", ":", "Ġ"]
+    assert decode(bpe, (prompt.input_ids[i] for i in span)) == "\nWhat  is it?"
+    # A character split over several byte tokens: all of them carry it.
+    prompt = encode([{"role": "user", "content": "é!"}], bpe, bpe_ids(bpe))
+    span = prompt.blocks[0].instruction_positions
+    assert len(span) == 3 and decode(bpe, (prompt.input_ids[i] for i in span)) == "é!"  # 2 bytes + "!"
+
+
+def test_without_offsets_each_instruction_is_tokenized_alone(bpe):
+    ids = bpe_ids(bpe)
+    prompt = encode(BPE_CHAT[2:], WithoutOffsets(bpe), ids)
+    expected = (
+        tok(bpe, f"{VICUNA_V1_SYSTEM} USER: ") + tok(bpe, "What is it?") + ids["queries"] + tok(bpe, " ASSISTANT:")
+    )
+    assert prompt.input_ids == expected  # template text is still joined: " ASSISTANT" is one token
+    instruction = [prompt.input_ids[i] for i in prompt.blocks[0].instruction_positions]
+    assert instruction == tok(bpe, "What is it?")
+
+
+def test_a_straddling_token_counts_as_instruction():
+    # Template text (" :") and the user's words (")") in one token: it carries user text.
+    tokenizer = build_bpe_tokenizer(words=("USER", "Ġ:)"))
+    ids = bpe_ids(tokenizer)
+
+    def template(messages, add_generation_prompt):
+        return [Text("USER :"), Instruction(") ok"), QuerySlot()]
+
+    prompt = encode([{"role": "user", "content": "-"}], tokenizer, ids, template=template)
+    span = [prompt.input_ids[i] for i in prompt.blocks[0].instruction_positions]
+    assert tokenizer.convert_ids_to_tokens(span) == ["Ġ:)", "Ġ", "o", "k"]
+    assert prompt.input_ids[: prompt.blocks[0].query_positions.start] == tok(tokenizer, "USER :) ok")
+
+
+# -- 0 queries ------------------------------------------------------------------------------
+def test_zero_queries_build_the_prompt_without_blocks(bpe):
+    ids = bpe_ids(bpe)
+    messages = BPE_CHAT[:2]
+    prompt = build_prompt(messages, bpe, query_token_ids=[], image_token_id=ids["image"],
+                          num_image_tokens=NUM_IMAGE_TOKENS)
+    assert prompt.blocks == () and prompt.num_images == 1
+    assert prompt.instruction_map() == [0] * len(prompt)
+    assert not set(ids["queries"]) & set(prompt.input_ids)
+    # No block between the user's words and " ASSISTANT:": they are one string, as in a
+    # plain LLaVA prompt.
+    expected = (
+        tok(bpe, f"{VICUNA_V1_SYSTEM} USER: ") + [ids["image"]] * NUM_IMAGE_TOKENS
+        + tok(bpe, "\nWhat is it? ASSISTANT:") + tok(bpe, " A cat.") + [bpe.eos_token_id]
+    )
+    assert prompt.input_ids == expected
+    batch = pad_prompts([prompt], pad_token_id=bpe.pad_token_id, labels=True)
+    assert not batch[INSTRUCTION_MAP_KEY].any()
+
+
+def test_zero_queries_allow_stage_one_prompts(tokenizer, ids):
+    def plain(messages, add_generation_prompt):  # LLaVA's stage-1 "plain" format
+        return [Image(), Reply(messages[1]["content"] + "\n")]
+
+    messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A red box."}]
+    prompt = encode(messages, tokenizer, {**ids, "queries": []}, template=plain)
+    assert prompt.input_ids[:NUM_IMAGE_TOKENS] == [ids["image"]] * NUM_IMAGE_TOKENS and prompt.blocks == ()
+    assert decode(tokenizer, [t for t in prompt.labels if t != -100]) == "A red box.\n"
+    # A user turn with only an image is fine without blocks (with blocks it is refused).
+    only_image = encode([{"role": "user", "content": "<image>"}], tokenizer, {**ids, "queries": []})
+    assert only_image.blocks == () and only_image.num_images == 1
+
+
+# -- the end of a reply -------------------------------------------------------------------------
+def test_a_reply_ends_with_the_tokenizers_eos_token_id_and_it_is_trained(bpe):
+    ids = bpe_ids(bpe)
+    prompt = encode(BPE_CHAT[:2], bpe, ids)
+    assert bpe.eos_token == PHI_EOS and prompt.input_ids[-1] == bpe.eos_token_id
+    assert prompt.labels[-1] == bpe.eos_token_id  # a target: the model learns to stop
+    trained = [t for t in prompt.labels if t != -100]
+    assert trained == tok(bpe, " A cat.") + [bpe.eos_token_id]
+    assert "</s>" not in decode(bpe, prompt.input_ids)
+
+
+def test_an_explicit_end_of_reply_is_text(bpe):
+    ids = bpe_ids(bpe)
+    prompt = encode(BPE_CHAT[:2], bpe, ids, template=partial(vicuna_v1, end_of_reply="</s>"))
+    trained = [t for t in prompt.labels if t != -100]
+    assert trained == tok(bpe, " A cat.</s>")  # the characters: phi-2 has no "</s>" token
+    assert bpe.eos_token_id not in prompt.input_ids
+    assert vicuna_v1([{"role": "assistant", "content": "x"}], False, end_of_reply="###")[-1] == Reply(" x###")
+    assert vicuna_v1([{"role": "assistant", "content": "x"}], False)[-1] == Reply(" x", eos=True)
+
+
+def test_an_eos_reply_needs_a_tokenizer_with_eos(bpe):
+    class NoEos(WithoutOffsets):
+        def __init__(self, tokenizer):
+            super().__init__(tokenizer)
+            self.eos_token_id = None
+
+    with pytest.raises(ValueError, match="has none; give the template an explicit end of reply"):
+        encode(BPE_CHAT[:2], NoEos(build_bpe_tokenizer()), bpe_ids(bpe))

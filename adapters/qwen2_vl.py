@@ -1,0 +1,365 @@
+"""Graft a visual-token compressor onto Qwen2-VL or Qwen2.5-VL, removably.
+
+    graft = graft_compressor(model, AvgPool(2), processor=processor)    # dispatches here
+    inputs = processor(images=[photo, chart], text=[prompt], return_tensors="pt")
+    model.generate(**inputs)   # each image gives a quarter of its merged tokens
+    graft.remove()             # the model and processor are exactly as before
+
+An image of `image_grid_thw` row (t, h, w) patches becomes t * (h/m) * (w/m) merged tokens
+(m = spatial_merge_size), row-major; the compressor maps each frame's grid (h/m, w/m) to
+its `out_grid` (H', W'). Three things follow that grid, and the graft changes each at
+the one place transformers decides it:
+
+- **the tokens**: `visual.merger` is wrapped (`CompressedPatchMerger`, the merger kept as
+  `base_layer`; it holds the compressor) and the core's `get_image_features` becomes an
+  instance attribute that calls the class's own method (the vision tower runs on the
+  original grid) and compresses each image's merged tokens it returns;
+- **the placeholders**: the processor's `replace_image_token` (an instance attribute)
+  writes t * H' * W' image pads per image instead of t * (h/m) * (w/m);
+- **the rotary positions**: the core's `get_rope_index` (an instance attribute) lays out
+  each image under its rope grid (t, H' * m, W' * m) instead of (t, h, w), i.e. exactly as
+  for an image whose merged grid is (H', W'). Every caller goes through it: the forward
+  (`compute_3d_position_ids`) and `generate` (`_prepare_position_ids_for_generation`,
+  which also caches `rope_deltas` for the decoding steps, so those follow too).
+
+The class and every other instance are untouched; `remove()` deletes the attributes and
+unwraps the merger.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tokencompress.base import TokenCompressor
+
+from ._instance_override import InstanceOverride
+from ._qwen2_vl_compress import CompressedPatchMerger
+from ._qwen2_vl_grids import merged_grid_thw, token_counts
+from ._qwen2_vl_parts import merge_size, merged_dim, qwen2_vl_core
+from ._wrap import WrappedSubmodule, refuse_other_wrappers
+from .compressor_graft import _match_wrapped
+
+__all__ = ["Qwen2VLCompressorGraft", "graft_qwen2_vl_compressor", "MERGER_PATH"]
+
+#: Where the patch merger is, from the core (`Qwen2VLModel` / `Qwen2_5_VLModel`).
+MERGER_PATH = "visual.merger"
+
+
+class _PlaceholderCheck:
+    """The prompt's image placeholders must be the compressed count of its images."""
+
+    def __init__(self, core: nn.Module, merger: CompressedPatchMerger, name: str) -> None:
+        self.core = core
+        self.merger = merger
+        self.name = name
+        self.enabled = True
+
+    def check(self, input_ids: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> None:
+        if input_ids is None or image_grid_thw is None or torch.compiler.is_compiling():
+            return
+        found = int((input_ids == self.core.config.image_token_id).sum())
+        counts = self.merger.token_counts(image_grid_thw)
+        if found == int(counts.sum()):
+            return
+        uncompressed = int(token_counts(merged_grid_thw(image_grid_thw, self.merger.merge_size)).sum())
+        stale = " (the uncompressed count)" if found == uncompressed else ""
+        raise ValueError(
+            f"the prompt has {found} image placeholder tokens{stale}, but the grafted {self.name} gives "
+            f"{counts.tolist()} tokens for its {len(counts)} images ({int(counts.sum())} in all); build "
+            "prompts with the processor passed to graft_compressor, which writes the compressed count"
+        )
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of the core: checks calls that encode their images."""
+        if self.enabled and kwargs.get("pixel_values") is not None:
+            self.check(kwargs.get("input_ids", args[0] if args else None), kwargs.get("image_grid_thw"))
+
+
+def _compressing_image_features(
+    original: Callable[..., Any], core: nn.Module, merger: CompressedPatchMerger
+) -> Callable[..., Any]:
+    """`get_image_features` whose per-image `pooler_output` is compressed."""
+
+    def get_image_features(
+        pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        # As transformers' can_return_tuple: a tuple only when asked (or configured) for one.
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = core.config.return_dict if return_dict is None else return_dict
+        output = original(pixel_values, image_grid_thw, return_dict=True, **kwargs)
+        output.pooler_output = merger.compress_images(output.pooler_output, image_grid_thw)
+        return output if return_dict else output.to_tuple()
+
+    return get_image_features
+
+
+def _rope_index_on_compressed_grids(
+    original: Callable[..., Any], merger: CompressedPatchMerger, check: _PlaceholderCheck
+) -> Callable[..., Any]:
+    """`get_rope_index` that lays out each image under its rope grid (t, H' m, W' m)."""
+    signature = inspect.signature(original)
+
+    def get_rope_index(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        image_grid_thw = bound.arguments.get("image_grid_thw")
+        if image_grid_thw is not None:
+            check.check(bound.arguments.get("input_ids"), image_grid_thw)
+            bound.arguments["image_grid_thw"] = merger.rope_grid_thw(image_grid_thw)
+        return original(*bound.args, **bound.kwargs)
+
+    get_rope_index.__signature__ = signature  # type: ignore[attr-defined]
+    return get_rope_index
+
+
+def _compressed_placeholders(processor: Any, merger: CompressedPatchMerger) -> Callable[..., str]:
+    """The processor's `replace_image_token`, writing the compressed count per image."""
+
+    def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        grid = torch.as_tensor(image_inputs["image_grid_thw"][image_idx]).reshape(1, 3)
+        return processor.image_token * int(merger.token_counts(grid)[0])
+
+    return replace_image_token
+
+
+class Qwen2VLCompressorGraft:
+    """What `graft_compressor` changed on a Qwen2-VL / Qwen2.5-VL model, and how to undo,
+    lift or save it.
+
+    Attributes:
+        model: the grafted model.
+        processor: the processor whose placeholder count follows the graft, if given.
+        module: the `CompressedPatchMerger` in place of `visual.merger`.
+    """
+
+    def __init__(self, model: nn.Module, core: nn.Module, processor: Any | None) -> None:
+        self.model = model
+        self.processor = processor
+        self._core = core
+        self._merger: WrappedSubmodule | None = None
+        self._check: _PlaceholderCheck | None = None
+        self._hook: RemovableHandle | None = None
+        self._overrides: list[InstanceOverride] = []
+
+    # -- what is grafted --------------------------------------------------------------------
+    @property
+    def module(self) -> CompressedPatchMerger:
+        return self._merger.wrapper  # type: ignore[union-attr,return-value]
+
+    @property
+    def compressor(self) -> TokenCompressor:
+        return self.module.compressor
+
+    @property
+    def projector(self) -> nn.Module | None:
+        return self.module.projector
+
+    @property
+    def merge_size(self) -> int:
+        return self.module.merge_size
+
+    @property
+    def active(self) -> bool:
+        return self._merger is not None and self._merger.active
+
+    def compressed_grid_thw(self, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """(t, H', W') per image: the grid of its compressed tokens."""
+        return self.module.compressed_grid_thw(image_grid_thw)
+
+    def rope_grid_thw(self, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """The `image_grid_thw` rows the grafted `get_rope_index` lays out positions with."""
+        return self.module.rope_grid_thw(image_grid_thw)
+
+    def num_image_tokens(self, image_grid_thw: torch.Tensor) -> list[int]:
+        """Image tokens (and placeholders) per image now; the ungrafted count is t * h * w / m**2."""
+        return self.module.token_counts(image_grid_thw).tolist()
+
+    # -- install, undo, lift ----------------------------------------------------------------
+    def _install(self) -> None:
+        """The placeholder check and the instance attributes (the merger is wrapped already)."""
+        merger, core, processor = self.module, self._core, self.processor
+        check = self._check = _PlaceholderCheck(core, merger, type(merger.compressor).__name__)
+        self._hook = core.register_forward_pre_hook(check, with_kwargs=True)
+        overrides = [
+            (core, "get_image_features", lambda method: _compressing_image_features(method, core, merger)),
+            (core, "get_rope_index", lambda method: _rope_index_on_compressed_grids(method, merger, check)),
+        ]
+        if processor is not None:
+            overrides.append((processor, "replace_image_token", lambda _: _compressed_placeholders(processor, merger)))
+        for owner, name, make in overrides:  # one at a time: _undo() takes back those made
+            self._overrides.append(InstanceOverride.install(owner, name, make))
+
+    def _remove_overrides(self) -> None:
+        for override in self._overrides:  # all or none
+            override.check_removable()
+        for override in reversed(self._overrides):
+            if override.active:
+                override.remove()
+
+    def _undo(self) -> None:
+        """Undo whatever of the graft is in place (all of it, or what a failed graft did)."""
+        for override in self._overrides:  # raise before anything changes
+            override.check_removable()
+        if self._merger is not None and self._merger.active:
+            self._merger.remove()  # raises, before anything else changes, under a later wrapper
+        self._remove_overrides()
+        if self._hook is not None:
+            self._hook.remove()
+
+    def remove(self) -> None:
+        """Put back the merger, the core's and the processor's methods (bit-identical outputs)."""
+        if not self.active:
+            raise RuntimeError("this compressor graft was already removed")
+        self._undo()
+
+    @contextmanager
+    def lifted(self) -> Iterator[None]:
+        """Within the block the model and processor are ungrafted; e.g. to save them with
+        their own `save_pretrained`."""
+        if not self.active:
+            raise RuntimeError("this compressor graft was removed")
+        with self._merger.lifted():  # type: ignore[union-attr]
+            self._remove_overrides()
+            self._check.enabled = False  # type: ignore[union-attr]
+            try:
+                yield
+            finally:
+                self._check.enabled = True  # type: ignore[union-attr]
+                for override in self._overrides:
+                    override.apply()
+
+    # -- save -------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, *, save_base_model: bool = False) -> None:
+        """Write the graft (settings JSON + safetensors weights) to `folder`.
+
+        With `save_base_model=True`, also the ungrafted model and processor (their own
+        `save_pretrained`), so that `from_pretrained` + `load_compressor_graft` on
+        `folder` give this grafted model back. That refuses (RuntimeError) while another
+        graft's wrapper is in the model, whose parameter names would be written.
+        """
+        from .qwen2_vl_io import save_qwen2_vl_compressor_graft
+
+        if not save_base_model:
+            save_qwen2_vl_compressor_graft(self, folder)
+            return
+        with self.lifted():  # raises if the graft was removed
+            refuse_other_wrappers(self.model)  # before any file is written
+            save_qwen2_vl_compressor_graft(self, folder)
+            self.model.save_pretrained(folder)
+            if self.processor is not None:
+                self.processor.save_pretrained(folder)
+
+    def __repr__(self) -> str:
+        if self._merger is None:
+            return "Qwen2VLCompressorGraft(not installed)"
+        return (
+            f"Qwen2VLCompressorGraft({type(self.compressor).__name__}, merge_size={self.merge_size}, "
+            f"new projector={self.projector is not None}, active={self.active})"
+        )
+
+
+def _check_processor(processor: Any, core: nn.Module, merge: int) -> None:
+    for name in ("replace_image_token", "image_token", "image_processor"):
+        if not hasattr(processor, name):
+            raise TypeError(
+                f"processor must be a Qwen2VLProcessor or Qwen2_5_VLProcessor (or have its `{name}`), "
+                f"got {type(processor).__name__}"
+            )
+    processor_merge = getattr(processor.image_processor, "merge_size", None)
+    if processor_merge != merge:
+        raise ValueError(
+            f"the processor's image processor merges {processor_merge} patches per side, the model {merge}"
+        )
+    token_id = getattr(processor, "image_token_id", core.config.image_token_id)
+    if token_id != core.config.image_token_id:
+        raise ValueError(f"the processor's image token id is {token_id}, the model's {core.config.image_token_id}")
+    # One image of 2x2 merged tokens: a processor that does not write 4 placeholders for it
+    # already follows some other graft, whose count this one would silently replace.
+    probe = torch.tensor([[1, 2 * merge, 2 * merge]])
+    written = processor.replace_image_token({"image_grid_thw": probe}, image_idx=0).count(processor.image_token)
+    if written != 4:
+        raise ValueError(
+            f"the processor writes {written} placeholders for an image of 2x2 merged tokens, not 4: it "
+            "already follows another compressor graft; remove() that graft first"
+        )
+
+
+def graft_qwen2_vl_compressor(
+    model: nn.Module,
+    compressor: TokenCompressor,
+    *,
+    processor: Any | None = None,
+    projector: nn.Module | None = None,
+    placement: str = "auto",
+) -> Qwen2VLCompressorGraft:
+    """Run `compressor` on each image's merged tokens of a Qwen2-VL / Qwen2.5-VL model.
+
+    `graft_compressor` calls this for those models; see the module docstring for what
+    changes.
+
+    Args:
+        model: `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`,
+            or their `Qwen2VLModel` / `Qwen2_5_VLModel`.
+        compressor: any `TokenCompressor`; it runs on each frame's merged grid
+            (h/m, w/m), which differs from image to image, at the merger's width (the
+            LLM's width). Moved to the merger's device and dtype; takes its train/eval mode.
+        processor: the model's processor; its placeholders per image become the
+            compressed count (restored by `remove()`).
+        projector: required for a compressor that changes the width (PixelShuffle(2):
+            4 * width): a module mapping its output width back to the merger's width,
+            e.g. `nn.Linear(4 * width, width)`. The merged tokens already are the LLM's
+            input, so there is no projector after them to reuse.
+        placement: only "auto": the merger is part of the vision tower, and the
+            compressor always runs on its output.
+
+    Returns:
+        a `Qwen2VLCompressorGraft`: `remove()` undoes everything; `save_pretrained(folder)`
+        saves it; `load_compressor_graft` loads it.
+    """
+    core = qwen2_vl_core(model, "graft_compressor")
+    if isinstance(core.get_submodule(MERGER_PATH), CompressedPatchMerger):
+        raise ValueError("this model already has a grafted compressor; remove() that graft first")
+    if not isinstance(compressor, TokenCompressor):
+        raise TypeError(f"compressor must be a TokenCompressor, got {type(compressor).__name__}")
+    if placement != "auto":
+        raise ValueError(
+            f"placement={placement!r}: on Qwen2-VL the patch merger is part of the vision tower, so the "
+            "compressor always runs on the merged tokens; use placement='auto' (and projector= for a "
+            "compressor that changes the width)"
+        )
+    merge, dim = merge_size(core), merged_dim(core)
+    try:
+        compressor.check_dim(dim)
+        compressed_dim = compressor.out_dim(dim)
+    except ValueError as error:
+        name = type(compressor).__name__
+        raise ValueError(f"{name} cannot take merged tokens of width {dim}: {error}") from error
+    if compressed_dim != dim and projector is None:
+        raise ValueError(
+            f"{type(compressor).__name__} maps the merged tokens' width {dim} to {compressed_dim}, but the "
+            f"language model takes width {dim}; pass projector=<a module mapping {compressed_dim} -> {dim}> "
+            f"(e.g. nn.Linear({compressed_dim}, {dim})), or use a compressor that keeps the width"
+        )
+    if processor is not None:
+        _check_processor(processor, core, merge)
+
+    base_merger = core.get_submodule(MERGER_PATH)
+    _match_wrapped(compressor, base_merger)
+    _match_wrapped(projector, base_merger)
+    graft = Qwen2VLCompressorGraft(model, core, processor)
+    try:
+        graft._merger = WrappedSubmodule.install(
+            core, MERGER_PATH, lambda merger: CompressedPatchMerger(merger, compressor, merge, dim, projector)
+        )
+        graft._install()
+    except Exception:
+        graft._undo()  # all or nothing: no half-grafted model
+        raise
+    return graft
