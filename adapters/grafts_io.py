@@ -34,6 +34,7 @@ from .compressor_graft import CompressorGraft
 from .compressor_graft_io import load_compressor_graft
 from .embq import EmbQGraft
 from .embq_io import load_embq_graft
+from .qwen2_vl import Qwen2VLCompressorGraft
 
 __all__ = ["GRAFTS_NAME", "Graft", "save_grafted", "load_grafted"]
 
@@ -41,9 +42,13 @@ GRAFTS_NAME = "grafts.json"
 _FORMAT = "tokencompress.grafts"
 _FORMAT_VERSION = 1
 
-Graft = Union[CompressorGraft, EmbQGraft]
+Graft = Union[CompressorGraft, Qwen2VLCompressorGraft, EmbQGraft]
 #: The name each kind of graft has in grafts.json.
-_KINDS: dict[type, str] = {CompressorGraft: "compressor", EmbQGraft: "embq"}
+_KINDS: dict[type, str] = {
+    CompressorGraft: "compressor",
+    Qwen2VLCompressorGraft: "compressor",
+    EmbQGraft: "embq",  # Qwen2VLEmbQGraft is an EmbQGraft
+}
 
 
 def _kind(graft: Any) -> str:
@@ -60,7 +65,9 @@ def _files_to_save_with(grafts: Sequence[Graft]) -> Any | None:
     processor (its counts follow the graft) holding the EmbQ graft's tokenizer (the
     query tokens), or whichever of them there is."""
     processors = [
-        graft.processor for graft in grafts if isinstance(graft, CompressorGraft) and graft.processor is not None
+        graft.processor
+        for graft in grafts
+        if isinstance(graft, (CompressorGraft, Qwen2VLCompressorGraft)) and graft.processor is not None
     ]
     tokenizers = [graft.tokenizer for graft in grafts if isinstance(graft, EmbQGraft)]
     if processors and tokenizers and getattr(processors[0], "tokenizer", None) is not tokenizers[0]:

@@ -21,6 +21,8 @@ from tokencompress.adapters import (
     graft_embq,
     load_compressor_graft,
     load_embq_graft,
+    load_grafted,
+    save_grafted,
 )
 from tokencompress.adapters._instance_override import InstanceOverride
 from tokencompress.adapters._qwen2_vl_compress import CompressedPatchMerger
@@ -523,3 +525,19 @@ def test_instance_overrides_stack_and_come_off_last_made_first() -> None:
     first.remove()
     assert "greet" not in vars(greeter) and greeter.greet() == "class"
     assert Greeter().greet() == "class"  # the class itself was never touched
+
+
+def test_both_grafts_save_and_load_together(family: str, tmp_path: Path) -> None:
+    model, processor = build(family, torch.float32)
+    compressor_graft = graft(model, processor, "sap")
+    embq_graft = graft_queries(model, processor)
+    batch = embq_batch(embq_graft, processor, [TWO_TURNS], [[BIG]])
+    batch["pixel_values"] = batch["pixel_values"].float()
+    expected = logits_of(model, batch)
+    save_grafted(model, tmp_path, compressor_graft, embq_graft)
+
+    reloaded = type(model).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    processor_class = ImageOnlyQwen2VLProcessor if family == "qwen2_vl" else ImageOnlyQwen2_5_VLProcessor
+    loaded = load_grafted(reloaded, tmp_path, processor=processor_class.from_pretrained(tmp_path))
+    assert [type(handle) for handle in loaded] == [Qwen2VLCompressorGraft, Qwen2VLEmbQGraft]
+    assert torch.equal(logits_of(reloaded, batch), expected)
