@@ -20,7 +20,7 @@ import torch
 
 from .prompt import INSTRUCTION_MAP_KEY
 
-__all__ = ["BlockPlan", "EmbQCall", "plan_query_blocks", "select_raw_vision", "group_vision"]
+__all__ = ["BlockPlan", "EmbQCall", "plan_query_blocks", "select_raw_vision", "group_vision", "images_of_rows"]
 
 
 @dataclass(frozen=True)
@@ -232,12 +232,23 @@ def group_vision(
         raise ValueError(
             f"the call has {num_call_images} images but {raw_features.shape[0]} raw vision features"
         )
-    # Where each row's images start among the raw features (rows repeated `repeats` times).
-    unique_counts = images_per_row[::repeats]
-    starts = (torch.cumsum(unique_counts, 0) - unique_counts).repeat_interleave(repeats)
-    owner = torch.repeat_interleave(torch.arange(batch, device=input_ids.device), images_per_row)
-    first_of_owner = (torch.cumsum(images_per_row, 0) - images_per_row)[owner]
-    image_index = starts[owner] + torch.arange(owner.numel(), device=input_ids.device) - first_of_owner
+    _, image_index = images_of_rows(images_per_row, repeats)
     tokens_per_image = raw_features.shape[1]
     cu[1:] = torch.cumsum(images_per_row * tokens_per_image, 0)
     return raw_features[image_index.to(raw_features.device)].reshape(-1, raw_features.shape[-1]), cu
+
+
+def images_of_rows(images_per_row: torch.Tensor, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image slot of the batch, row after row: its row (`owner`) and the image it reads.
+
+    Row b has `images_per_row[b]` slots. `generate` repeats each row k = `repeats` times
+    after encoding the images once: the images are those of the rows before that
+    expansion, in row order, and row b reads those of row b // k.
+    """
+    device = images_per_row.device
+    # Where each row's images start among the stored ones (rows repeated `repeats` times).
+    unique_counts = images_per_row[::repeats]
+    starts = (torch.cumsum(unique_counts, 0) - unique_counts).repeat_interleave(repeats)
+    owner = torch.repeat_interleave(torch.arange(images_per_row.shape[0], device=device), images_per_row)
+    first_of_owner = (torch.cumsum(images_per_row, 0) - images_per_row)[owner]
+    return owner, starts[owner] + torch.arange(owner.numel(), device=device) - first_of_owner

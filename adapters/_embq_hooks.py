@@ -37,12 +37,20 @@ class _CallState:
     """One forward call of the LlavaModel, from its pre-hook to its hook."""
 
     input_ids: torch.Tensor | None
-    feature_layer: Any
-    select_strategy: Any
+    feature_layer: Any = None  # which vision features EmbQ reads (LLaVA's arguments)
+    select_strategy: Any = None
     plan: BlockPlan | None = None
     vision_output: Any = None  # the vision tower's output for this call's images
     encoded: bool = False  # vision_output came pre-encoded with the call (generate)
     capture: RemovableHandle | None = None
+
+    def capture_output_of(self, tower: nn.Module) -> None:
+        """Keep `tower`'s output as `vision_output` (until the call ends)."""
+
+        def capture(_tower: nn.Module, _args: tuple, output: Any) -> None:
+            self.vision_output = output
+
+        self.capture = tower.register_forward_hook(capture)
 
 
 def _first_given(value: Any, default: Any) -> Any:
@@ -50,7 +58,11 @@ def _first_given(value: Any, default: Any) -> Any:
 
 
 class CallRouter:
-    """The hooks of one EmbQ graft; `enabled = False` makes them pass calls through."""
+    """The hooks of one EmbQ graft; `enabled = False` makes them pass calls through.
+
+    Another backbone's router overrides the last three methods: which vision features
+    EmbQ reads, and where they come from.
+    """
 
     def __init__(self, llava: nn.Module, query_token_ids: Sequence[int], embq: nn.Module) -> None:
         self.llava = llava
@@ -86,12 +98,7 @@ class CallRouter:
         """Plan the call's query blocks; arrange to see its vision tower output."""
         instruction_map = kwargs.pop(INSTRUCTION_MAP_KEY, None)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        config = module.config
-        state = _CallState(
-            input_ids,
-            _first_given(kwargs.get("vision_feature_layer"), config.vision_feature_layer),
-            _first_given(kwargs.get("vision_feature_select_strategy"), config.vision_feature_select_strategy),
-        )
+        state = self._call_state(module, input_ids, kwargs)
         # Pushed first: the hook that ends the call runs even when planning raises.
         self._calls().append(state)
         if not self.enabled:
@@ -105,16 +112,7 @@ class CallRouter:
         )
         if state.plan is None:  # no query block in this call (a decoding step, a plain prompt)
             return args, kwargs
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if encoded is not None:
-            # generate() encodes the images before prefill and passes the outputs in.
-            state.vision_output, state.encoded = encoded, True
-        else:
-
-            def capture(_tower: nn.Module, _args: tuple, output: Any) -> None:
-                state.vision_output = output
-
-            state.capture = module.vision_tower.register_forward_hook(capture)
+        self._watch_vision(module, state, kwargs)
         return args, kwargs
 
     def _on_language_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -123,21 +121,7 @@ class CallRouter:
         if not calls or calls[-1].plan is None:
             return None
         state = calls[-1]
-        raw_vision, num_call_images = None, 0
-        if state.vision_output is not None:
-            raw_vision = select_raw_vision(state.vision_output, state.feature_layer, state.select_strategy)
-            # generate() expands pre-encoded outputs for beams, pooler_output only: the
-            # images of the call are counted there.
-            projected = getattr(state.vision_output, "pooler_output", None)
-            num_call_images = len(projected) if state.encoded and projected is not None else raw_vision.shape[0]
-        vision, cu_seqlens_vision = group_vision(
-            state.input_ids,
-            self.llava.config.image_token_id,
-            raw_vision,
-            num_call_images,
-            self.embq.vision_dim,
-            next(self.embq.parameters()).dtype,
-        )
+        vision, cu_seqlens_vision = self._vision(state)
         kwargs[CALL_KEY] = EmbQCall(state.plan, vision, cu_seqlens_vision)
         return args, kwargs
 
@@ -156,3 +140,40 @@ class CallRouter:
             return None
         kwargs["labels"] = labels.masked_fill(torch.isin(input_ids, self.query_ids(input_ids.device)), -100)
         return args, kwargs
+
+    # -- which vision features EmbQ reads, and where from --------------------------------
+    def _call_state(self, module: nn.Module, input_ids: torch.Tensor | None, kwargs: dict) -> _CallState:
+        """The state of a call of `module` (the LlavaModel) with keyword arguments `kwargs`."""
+        config = module.config
+        return _CallState(
+            input_ids,
+            _first_given(kwargs.get("vision_feature_layer"), config.vision_feature_layer),
+            _first_given(kwargs.get("vision_feature_select_strategy"), config.vision_feature_select_strategy),
+        )
+
+    def _watch_vision(self, module: nn.Module, state: _CallState, kwargs: dict) -> None:
+        """Arrange for `state` to get the vision tower output of a call with query blocks."""
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:
+            # generate() encodes the images before prefill and passes the outputs in.
+            state.vision_output, state.encoded = encoded, True
+        else:
+            state.capture_output_of(module.vision_tower)
+
+    def _vision(self, state: _CallState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's raw vision features packed per batch row, and their cumulative lengths."""
+        raw_vision, num_call_images = None, 0
+        if state.vision_output is not None:
+            raw_vision = select_raw_vision(state.vision_output, state.feature_layer, state.select_strategy)
+            # generate() expands pre-encoded outputs for beams, pooler_output only: the
+            # images of the call are counted there.
+            projected = getattr(state.vision_output, "pooler_output", None)
+            num_call_images = len(projected) if state.encoded and projected is not None else raw_vision.shape[0]
+        return group_vision(
+            state.input_ids,
+            self.llava.config.image_token_id,
+            raw_vision,
+            num_call_images,
+            self.embq.vision_dim,
+            next(self.embq.parameters()).dtype,
+        )

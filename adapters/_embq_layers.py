@@ -17,6 +17,7 @@ from torch import nn
 from tokencompress._autocast import autocast_active
 
 from ._embq_call import EmbQCall
+from ._wrap import BaseLayerWrapper
 
 __all__ = ["QueryEmbedding", "EmbQDecoderLayer", "CALL_KEY"]
 
@@ -24,17 +25,7 @@ __all__ = ["QueryEmbedding", "EmbQDecoderLayer", "CALL_KEY"]
 CALL_KEY = "embq_call"
 
 
-class _Wrapper(nn.Module):
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":  # not set yet: do not recurse
-                raise
-            return getattr(self.base_layer, name)
-
-
-class QueryEmbedding(_Wrapper):
+class QueryEmbedding(BaseLayerWrapper):
     """`base_layer(ids)`, except that query token i embeds as `query_vectors[i] + E["."]`.
 
     The vectors are a parameter of their own, so the "." embedding they add to is the
@@ -43,8 +34,7 @@ class QueryEmbedding(_Wrapper):
     """
 
     def __init__(self, base_layer: nn.Module, query_token_ids: list[int], dot_token_id: int) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         weight = base_layer.weight
         self.dot_token_id = int(dot_token_id)
         # Not persistent: the ids belong to the graft's JSON config, not to the weights.
@@ -65,7 +55,7 @@ class QueryEmbedding(_Wrapper):
         return f"num_queries={self.query_vectors.shape[0]}, dot_token_id={self.dot_token_id}"
 
 
-class EmbQDecoderLayer(_Wrapper):
+class EmbQDecoderLayer(BaseLayerWrapper):
     """Adds EmbQ's update to the query tokens' hidden states, then runs `base_layer`.
 
     The update comes from the `embq_call` keyword argument (an `EmbQCall`) that the
@@ -75,8 +65,7 @@ class EmbQDecoderLayer(_Wrapper):
     """
 
     def __init__(self, base_layer: nn.Module, embq: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.embq = embq
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -13,7 +13,6 @@ compressor's batch). The Python loop is over distinct grids, never over tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,14 +20,16 @@ from torch import nn
 from tokencompress.base import Grid, TokenCompressor
 
 from ._qwen2_vl_grids import compressed_grid_thw, merged_grid_thw, rope_grid_thw, token_counts
+from ._wrap import BaseLayerWrapper
 
 __all__ = ["CompressedPatchMerger"]
 
 
-class CompressedPatchMerger(nn.Module):
+class CompressedPatchMerger(BaseLayerWrapper):
     """The patch merger (`base_layer`), its compressor and, for a compressor that changes
     the width, a new projector back to the merger's width `dim`.
 
+    Code that reads the merger's attributes (`hidden_size`, `ln_q`) still finds them.
     The grid methods answer without running; they take `image_grid_thw` rows (t, h, w)
     in patches, as the processor gives them.
     """
@@ -41,21 +42,11 @@ class CompressedPatchMerger(nn.Module):
         dim: int,
         projector: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.compressor = compressor
         self.projector = projector
         self.merge_size = int(merge_size)
         self.dim = int(dim)
-
-    def __getattr__(self, name: str) -> Any:
-        # Code that reads the merger's attributes (`hidden_size`, `ln_q`) still finds them.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":  # not set yet: do not recurse
-                raise
-            return getattr(self.base_layer, name)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.base_layer(hidden_states)

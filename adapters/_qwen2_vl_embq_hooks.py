@@ -28,10 +28,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._embq_call import EmbQCall, plan_query_blocks
+from ._embq_call import images_of_rows
 from ._embq_hooks import CallRouter, _CallState
-from ._embq_layers import CALL_KEY
-from .prompt import INSTRUCTION_MAP_KEY
 
 __all__ = ["MERGED_IMAGES_ATTR", "Qwen2VLCallRouter", "group_images"]
 
@@ -76,12 +74,7 @@ def group_images(
     repeats = num_call_images // len(images) if len(images) else 0
     if repeats < 1 or repeats * len(images) != num_call_images or batch % repeats:
         raise ValueError(f"the call has {num_call_images} images but the merged tokens of {len(images)}")
-    # Where each row's images start among `images` (rows repeated `repeats` times).
-    unique_counts = images_per_row[::repeats]
-    starts = (torch.cumsum(unique_counts, 0) - unique_counts).repeat_interleave(repeats)
-    owner = torch.repeat_interleave(torch.arange(batch, device=input_ids.device), images_per_row)
-    first_of_owner = (torch.cumsum(images_per_row, 0) - images_per_row)[owner]
-    image_index = starts[owner] + torch.arange(owner.numel(), device=input_ids.device) - first_of_owner
+    owner, image_index = images_of_rows(images_per_row, repeats)
     chosen = [images[index] for index in image_index.tolist()]
     lengths = torch.tensor([tokens.shape[0] for tokens in chosen], dtype=torch.long, device=input_ids.device)
     row_lengths = torch.zeros(batch, dtype=torch.long, device=input_ids.device).index_add_(0, owner, lengths)
@@ -106,24 +99,11 @@ class Qwen2VLCallRouter(CallRouter):
         sizes = (grid_thw.prod(-1) // module.spatial_merge_size**2).tolist()
         setattr(output, MERGED_IMAGES_ATTR, torch.split(merged, sizes))
 
-    def _on_llava_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Plan the call's query blocks; arrange to see its images' merged tokens."""
-        instruction_map = kwargs.pop(INSTRUCTION_MAP_KEY, None)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        state = _CallState(input_ids, None, None)
-        # Pushed first: the hook that ends the call runs even when planning raises.
-        self._calls().append(state)
-        if not self.enabled:
-            return args, kwargs
-        if input_ids is None:
-            if instruction_map is not None and bool((instruction_map != 0).any()):
-                raise ValueError("EmbQ finds its query blocks in input_ids; this call passes inputs_embeds only")
-            return args, kwargs
-        state.plan = plan_query_blocks(
-            input_ids, instruction_map, self.query_ids(input_ids.device), kwargs.get("attention_mask")
-        )
-        if state.plan is None:  # no query block in this call (a decoding step, a plain prompt)
-            return args, kwargs
+    def _call_state(self, module: nn.Module, input_ids: torch.Tensor | None, kwargs: dict) -> _CallState:
+        return _CallState(input_ids)  # EmbQ reads the merged tokens, whatever the call selects
+
+    def _watch_vision(self, module: nn.Module, state: _CallState, kwargs: dict) -> None:
+        """Arrange to see the call's images' merged tokens."""
         encoded = kwargs.get("mm_encoder_outputs") or {}
         if kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None:
             raise ValueError("EmbQ on Qwen2-VL reads each sample's images; prompts with videos are not supported")
@@ -131,21 +111,10 @@ class Qwen2VLCallRouter(CallRouter):
             # generate() encodes the images before prefill and passes the outputs in.
             state.vision_output, state.encoded = encoded["image"], True
         elif kwargs.get("pixel_values") is not None:
+            state.capture_output_of(module.visual)
 
-            def capture(_tower: nn.Module, _args: tuple, output: Any) -> None:
-                state.vision_output = output
-
-            state.capture = module.visual.register_forward_hook(capture)
-        return args, kwargs
-
-    def _on_language_model_call(
-        self, module: nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[tuple, dict] | None:
-        """Give the decoder layers this call's `EmbQCall`."""
-        calls = self._calls()
-        if not calls or calls[-1].plan is None:
-            return None
-        state = calls[-1]
+    def _vision(self, state: _CallState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's images' merged tokens packed per batch row, and their cumulative lengths."""
         images, num_call_images = None, 0
         if state.vision_output is not None:
             images = getattr(state.vision_output, MERGED_IMAGES_ATTR, None)
@@ -157,7 +126,7 @@ class Qwen2VLCallRouter(CallRouter):
             # generate() repeats the pre-encoded features for beams (pooler_output only).
             per_image = state.vision_output.pooler_output
             num_call_images = len(per_image) if state.encoded else len(images)
-        vision, cu_seqlens_vision = group_images(
+        return group_images(
             state.input_ids,
             self.llava.config.image_token_id,
             images,
@@ -165,5 +134,3 @@ class Qwen2VLCallRouter(CallRouter):
             self.embq.vision_dim,
             next(self.embq.parameters()).dtype,
         )
-        kwargs[CALL_KEY] = EmbQCall(state.plan, vision, cu_seqlens_vision)
-        return args, kwargs

@@ -10,10 +10,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 
-__all__ = ["WrappedSubmodule", "refuse_other_wrappers"]
+__all__ = ["BaseLayerWrapper", "WrappedSubmodule", "refuse_other_wrappers"]
+
+
+class BaseLayerWrapper(nn.Module):
+    """A wrapper that keeps the module it wraps as `base_layer` and, as peft's wrappers do,
+    falls back to it for attributes it does not have: code that reads the wrapped
+    module's attributes (`layer.self_attn`, `merger.ln_q`) still finds them."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":  # not set yet: do not recurse
+                raise
+            return getattr(self.base_layer, name)
 
 
 def _split_path(path: str) -> tuple[str, str]:

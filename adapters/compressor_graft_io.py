@@ -13,20 +13,23 @@ read: no pickle, no code from the folder.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import LlavaProcessor
 
-from tokencompress import TokenCompressor
+from tokencompress import Grid, TokenCompressor
 
 from ._compressor_config import compressor_config, compressor_from_config
+from ._graft_io import check_format_version, read_record, write_record
 from .compressor_graft import CompressorGraft, _llava_parts, _projector_widths, _vision_grid, graft_compressor
+
+if TYPE_CHECKING:
+    from .qwen2_vl import Qwen2VLCompressorGraft
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_compressor_graft", "load_compressor_graft"]
 
@@ -44,22 +47,35 @@ def _weights_container(compressor: nn.Module, projector: nn.Module | None) -> nn
     return nn.ModuleDict(parts)
 
 
+def _compressor_fields(compressor: TokenCompressor, grid: Grid, dim: int) -> dict[str, Any]:
+    """The record's "compressor" (its settings, checked on `grid` at width `dim`) and "compressor_class"."""
+    try:
+        settings: dict[str, Any] | None = compressor_config(compressor, grid, dim)
+    except ValueError as error:
+        # Still worth saving the weights: load_compressor_graft then needs compressor=.
+        # stacklevel: this, save_*_compressor_graft, the graft's save_pretrained, its caller.
+        warnings.warn(f"saving the compressor's weights only: {error}", UserWarning, stacklevel=4)
+        settings = None
+    compressor_class = f"{type(compressor).__module__}.{type(compressor).__qualname__}"
+    return {"compressor": settings, "compressor_class": compressor_class}
+
+
+def _write_files(graft: CompressorGraft | Qwen2VLCompressorGraft, folder: Path, record: dict[str, Any]) -> None:
+    """Write `record` and the weights of `graft`'s compressor and new projector to `folder`."""
+    write_record(folder / CONFIG_NAME, record)
+    # save_model handles tensors that share memory, which safetensors' save_file refuses.
+    save_model(_weights_container(graft.compressor, graft.projector), str(folder / WEIGHTS_NAME))
+
+
 def save_compressor_graft(graft: CompressorGraft, folder: str | Path) -> None:
     """Write `graft`'s settings and weights to `folder` (created if needed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vision_dim, text_dim = _projector_widths(graft._config)
-    try:
-        settings: dict[str, Any] | None = compressor_config(graft.compressor, graft.grid, vision_dim)
-    except ValueError as error:
-        # Still worth saving the weights: load_compressor_graft then needs compressor=.
-        warnings.warn(f"saving the compressor's weights only: {error}", UserWarning, stacklevel=3)
-        settings = None
     record = {
         "format": _FORMAT,
         "format_version": _FORMAT_VERSION,
-        "compressor": settings,
-        "compressor_class": f"{type(graft.compressor).__module__}.{type(graft.compressor).__qualname__}",
+        **_compressor_fields(graft.compressor, graft.grid, vision_dim),
         "placement": graft.placement,
         "new_projector": graft.projector is not None,
         "grid": list(graft.grid),
@@ -67,9 +83,37 @@ def save_compressor_graft(graft: CompressorGraft, folder: str | Path) -> None:
         "text_dim": text_dim,
         "num_image_tokens": graft.num_image_tokens,
     }
-    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    # save_model handles tensors that share memory, which safetensors' save_file refuses.
-    save_model(_weights_container(graft.compressor, graft.projector), str(folder / WEIGHTS_NAME))
+    _write_files(graft, folder, record)
+
+
+def _read_record(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    record = read_record(path, f"no compressor graft in {folder}: {CONFIG_NAME} is missing")
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a compressor graft config (no 'format': {_FORMAT!r})")
+    return check_format_version(record, path, _FORMAT_VERSION)
+
+
+def _saved_compressor(
+    record: dict[str, Any], folder: Path, compressor: TokenCompressor | None, projector: nn.Module | None
+) -> TokenCompressor:
+    """The compressor to graft (`compressor`, else rebuilt from `record`); checks that
+    `projector` is given exactly when the graft was saved with a new projector."""
+    if compressor is None:
+        if record["compressor"] is None:
+            raise ValueError(
+                f"the graft in {folder} holds only the weights of a {record['compressor_class']} "
+                "(its settings could not be written); pass compressor=<a new instance>"
+            )
+        compressor = compressor_from_config(record["compressor"])
+    if record["new_projector"] and projector is None:
+        raise ValueError(
+            f"the graft in {folder} has a new projector; pass projector=<a module of the same "
+            "architecture> to receive its weights"
+        )
+    if not record["new_projector"] and projector is not None:
+        raise ValueError(f"the graft in {folder} has no new projector, but projector= was given")
+    return compressor
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -77,19 +121,19 @@ def _device_of(module: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _read_record(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no compressor graft in {folder}: {CONFIG_NAME} is missing")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a compressor graft config (no 'format': {_FORMAT!r})")
-    if record.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {record.get('format_version')!r}; this version of "
-            f"tokencompress reads {_FORMAT_VERSION}"
+def _load_weights(graft: CompressorGraft | Qwen2VLCompressorGraft, folder: Path) -> None:
+    """Load the saved weights into the graft just made (removed again if that fails)."""
+    try:
+        # strict: a missing or unexpected key is an error, never a silently random weight.
+        load_model(
+            _weights_container(graft.compressor, graft.projector),
+            str(folder / WEIGHTS_NAME),
+            strict=True,
+            device=str(_device_of(graft.module.base_layer)),
         )
-    return record
+    except Exception:
+        graft.remove()
+        raise
 
 
 def load_compressor_graft(
@@ -125,32 +169,9 @@ def load_compressor_graft(
             f"the graft in {folder} was made for vision grid {saved[0]}, vision width {saved[1]} "
             f"and text width {saved[2]}; this model has {grid}, {vision_dim} and {text_dim}"
         )
-    if compressor is None:
-        if record["compressor"] is None:
-            raise ValueError(
-                f"the graft in {folder} holds only the weights of a {record['compressor_class']} "
-                "(its settings could not be written); pass compressor=<a new instance>"
-            )
-        compressor = compressor_from_config(record["compressor"])
-    if record["new_projector"] and projector is None:
-        raise ValueError(
-            f"the graft in {folder} has a new projector; pass projector=<a module of the same "
-            "architecture> to receive its weights"
-        )
-    if not record["new_projector"] and projector is not None:
-        raise ValueError(f"the graft in {folder} has no new projector, but projector= was given")
+    compressor = _saved_compressor(record, folder, compressor, projector)
     graft = graft_compressor(
         model, compressor, processor=processor, placement=record["placement"], projector=projector
     )
-    try:
-        # strict: a missing or unexpected key is an error, never a silently random weight.
-        load_model(
-            _weights_container(graft.compressor, graft.projector),
-            str(folder / WEIGHTS_NAME),
-            strict=True,
-            device=str(_device_of(graft.module.base_layer)),
-        )
-    except Exception:
-        graft.remove()
-        raise
+    _load_weights(graft, folder)
     return graft

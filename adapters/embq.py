@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from ._embq_hooks import CallRouter
 from ._embq_layers import EmbQDecoderLayer, QueryEmbedding
 from ._image_tokens import processor_image_token_count
 from ._wrap import WrappedSubmodule, refuse_other_wrappers
+from .compressor_graft import _projector_widths
 from .prompt import INSTRUCTION_MAP_KEY, EncodedPrompt, build_prompt
 
 __all__ = ["EmbQGraft", "graft_embq", "DEFAULT_QUERY_TOKEN"]
@@ -254,22 +255,6 @@ def _resolve_dot(tokenizer: Any, dot_token: str, dot_token_id: int | None) -> in
     raise ValueError(f"{dot_token!r} is not one token for this tokenizer ({ids}); pass dot_token_id=")
 
 
-def _check_embq(embq: nn.Module, llava: LlavaModel) -> None:
-    config = llava.config
-    text_dim = config.text_config.hidden_size
-    layers = config.vision_feature_layer
-    vision_dim = config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
-    for name, expected in (("text_dim", text_dim), ("vision_dim", vision_dim)):
-        value = getattr(embq, name, None)
-        if value != expected:
-            raise ValueError(
-                f"embq.{name} is {value}, but this model needs {expected} (text_dim: the LLM's hidden "
-                "size; vision_dim: the width of the selected vision features, before the projector)"
-            )
-    if not callable(getattr(embq, "forward_packed", None)):
-        raise TypeError(f"embq must have EmbQ's forward_packed entry point; {type(embq).__name__} has none")
-
-
 def graft_embq(
     model: LlavaForConditionalGeneration | LlavaModel,
     embq: nn.Module,
@@ -308,13 +293,56 @@ def graft_embq(
             query_tokens=query_tokens, dot_token=dot_token, dot_token_id=dot_token_id,
         )
     llava = _llava_core(model)
-    language_model = llava.language_model
-    num_layers = len(language_model.layers)
+    vision_dim, text_dim = _projector_widths(llava.config)
+    return _graft(
+        EmbQGraft, CallRouter, model, llava, embq,
+        text_dim=text_dim, vision_dim=vision_dim,
+        vision_input="the width of the selected vision features, before the projector",
+        layer=layer, tokenizer=tokenizer, num_queries=num_queries,
+        query_tokens=query_tokens, dot_token=dot_token, dot_token_id=dot_token_id,
+    )
+
+
+_Graft = TypeVar("_Graft", bound=EmbQGraft)
+
+
+def _graft(
+    graft_class: type[_Graft],
+    router_class: type[CallRouter],
+    model: nn.Module,
+    llava: nn.Module,
+    embq: nn.Module,
+    *,
+    text_dim: int,
+    vision_dim: int,
+    vision_input: str,
+    layer: int,
+    tokenizer: Any,
+    num_queries: int,
+    query_tokens: Sequence[str] | None,
+    dot_token: str,
+    dot_token_id: int | None,
+) -> _Graft:
+    """`graft_embq` onto `model` whose multimodal core is `llava` (a `LlavaModel`, or
+    another backbone's core with the handle and `router_class` for its vision features).
+
+    `text_dim` and `vision_dim` are the widths `embq` must have; `vision_input` says
+    what its vision input is on this backbone, for the error message.
+    """
+    num_layers = len(llava.language_model.layers)
     if not isinstance(layer, int) or not 1 <= layer <= num_layers:
         raise ValueError(f"layer must be a 1-based decoder layer number in 1..{num_layers}, got {layer!r}")
     if any(isinstance(module, (EmbQDecoderLayer, QueryEmbedding)) for module in model.modules()):
         raise ValueError("this model already has an EmbQ graft; remove() it first")
-    _check_embq(embq, llava)
+    for name, expected in (("text_dim", text_dim), ("vision_dim", vision_dim)):
+        value = getattr(embq, name, None)
+        if value != expected:
+            raise ValueError(
+                f"embq.{name} is {value}, but this model needs {expected} (text_dim: the LLM's hidden "
+                f"size; vision_dim: {vision_input})"
+            )
+    if not callable(getattr(embq, "forward_packed", None)):
+        raise TypeError(f"embq must have EmbQ's forward_packed entry point; {type(embq).__name__} has none")
     if query_tokens is None:
         query_tokens = [DEFAULT_QUERY_TOKEN.format(i) for i in range(num_queries)]
     query_tokens = list(query_tokens)
@@ -325,9 +353,9 @@ def graft_embq(
 
     dot_id = _resolve_dot(tokenizer, dot_token, dot_token_id)
     token_ids = _add_query_tokens(tokenizer, query_tokens)
-    graft = EmbQGraft(model, llava, tokenizer, layer, query_tokens, token_ids, dot_id)
+    graft = graft_class(model, llava, tokenizer, layer, query_tokens, token_ids, dot_id)
     try:
-        _apply(graft, model, llava, embq)
+        _apply(graft, model, llava, embq, router_class)
     except Exception:
         graft._undo()
         raise
@@ -335,12 +363,9 @@ def graft_embq(
 
 
 def _apply(
-    graft: EmbQGraft, model: nn.Module, llava: nn.Module, embq: nn.Module, router_class: type[CallRouter] = CallRouter
+    graft: EmbQGraft, model: nn.Module, llava: nn.Module, embq: nn.Module, router_class: type[CallRouter]
 ) -> None:
-    """Make the changes `graft` records, in the order `EmbQGraft._undo` can take back.
-
-    `llava` is the multimodal core (a `LlavaModel`, or another backbone's core with the
-    `router_class` that reads its vision features)."""
+    """Make the changes `graft` records, in the order `EmbQGraft._undo` can take back."""
     changes, token_ids = graft._changes, list(graft.token_ids)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:

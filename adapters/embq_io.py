@@ -13,7 +13,6 @@ and safetensors are read: no pickle, no code from the folder.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from tokencompress import EmbQ
 
+from ._graft_io import check_format_version, read_record, write_record
 from .embq import EmbQGraft, graft_embq
 
 __all__ = ["EMBQ_CONFIG_NAME", "EMBQ_WEIGHTS_NAME", "save_embq_graft", "load_embq_graft"]
@@ -53,7 +53,7 @@ def save_embq_graft(graft: EmbQGraft, folder: str | Path) -> None:
         # Sizes to rebuild a tokencompress EmbQ; another class is rebuilt by the caller.
         "embq": {name: getattr(embq, name) for name in _EMBQ_SIZES} if type(embq) is EmbQ else None,
     }
-    (folder / EMBQ_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_record(folder / EMBQ_CONFIG_NAME, record)
     tensors = {f"embq.{name}": value for name, value in embq.state_dict().items()}
     tensors["query_vectors"] = graft.query_vectors.detach()
     save_file({name: value.contiguous() for name, value in tensors.items()}, str(folder / EMBQ_WEIGHTS_NAME))
@@ -61,17 +61,10 @@ def save_embq_graft(graft: EmbQGraft, folder: str | Path) -> None:
 
 def _read_record(folder: Path) -> dict[str, Any]:
     path = folder / EMBQ_CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no EmbQ graft in {folder}: {EMBQ_CONFIG_NAME} is missing")
-    record = json.loads(path.read_text(encoding="utf-8"))
+    record = read_record(path, f"no EmbQ graft in {folder}: {EMBQ_CONFIG_NAME} is missing")
     if not isinstance(record, dict) or record.get("format") != _FORMAT:
         raise ValueError(f"{path} is not an EmbQ graft config (no 'format': {_FORMAT!r})")
-    if record.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {record.get('format_version')!r}; this version of "
-            f"tokencompress reads {_FORMAT_VERSION}"
-        )
-    return record
+    return check_format_version(record, path, _FORMAT_VERSION)
 
 
 def load_embq_graft(

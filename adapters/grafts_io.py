@@ -21,7 +21,6 @@ and safetensors are read: no pickle, no code from the folder.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Union
 
 from torch import nn
 
+from ._graft_io import check_format_version, read_record, write_record
 from ._wrap import refuse_other_wrappers
 from .compressor_graft import CompressorGraft
 from .compressor_graft_io import load_compressor_graft
@@ -114,24 +114,19 @@ def save_grafted(model: nn.Module, folder: str | Path, *grafts: Graft) -> None:
         graft.save_pretrained(folder)  # only the graft's own files
     record = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "grafts": kinds}
     # Last: a folder whose saving failed half-way has no grafts.json and does not load.
-    (folder / GRAFTS_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_record(folder / GRAFTS_NAME, record)
 
 
 def _read_kinds(folder: Path) -> list[str]:
     path = folder / GRAFTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {GRAFTS_NAME} in {folder}: it was not written by save_grafted (a folder with one "
-            "graft's files loads with load_compressor_graft or load_embq_graft)"
-        )
-    record = json.loads(path.read_text(encoding="utf-8"))
+    record = read_record(
+        path,
+        f"no {GRAFTS_NAME} in {folder}: it was not written by save_grafted (a folder with one "
+        "graft's files loads with load_compressor_graft or load_embq_graft)",
+    )
     if not isinstance(record, dict) or record.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a grafts list (no 'format': {_FORMAT!r})")
-    if record.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {record.get('format_version')!r}; this version of "
-            f"tokencompress reads {_FORMAT_VERSION}"
-        )
+    check_format_version(record, path, _FORMAT_VERSION)
     kinds = record.get("grafts")
     known = set(_KINDS.values())
     if not isinstance(kinds, list) or not kinds or not set(kinds) <= known or len(set(kinds)) != len(kinds):

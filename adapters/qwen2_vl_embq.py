@@ -29,11 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._embq_layers import EmbQDecoderLayer, QueryEmbedding
 from ._qwen2_vl_embq_hooks import Qwen2VLCallRouter
 from ._qwen2_vl_parts import merged_dim, qwen2_vl_core, text_dim
 from ._qwen2_vl_prompt import expand_image_placeholders
-from .embq import DEFAULT_QUERY_TOKEN, EmbQGraft, _add_query_tokens, _apply, _resolve_dot
+from .embq import EmbQGraft, _graft
 from .prompt import EncodedPrompt, Template, build_prompt, chat_template, pad_prompts
 
 __all__ = ["Qwen2VLEmbQGraft", "graft_qwen2_vl_embq"]
@@ -104,18 +103,6 @@ class Qwen2VLEmbQGraft(EmbQGraft):
         return "Qwen2VL" + super().__repr__()
 
 
-def _check_embq(embq: nn.Module, core: nn.Module) -> None:
-    for name, expected in (("text_dim", text_dim(core)), ("vision_dim", merged_dim(core))):
-        value = getattr(embq, name, None)
-        if value != expected:
-            raise ValueError(
-                f"embq.{name} is {value}, but this model needs {expected} (text_dim: the LLM's hidden size; "
-                "vision_dim: the width of the merged visual tokens, the patch merger's output)"
-            )
-    if not callable(getattr(embq, "forward_packed", None)):
-        raise TypeError(f"embq must have EmbQ's forward_packed entry point; {type(embq).__name__} has none")
-
-
 def graft_qwen2_vl_embq(
     model: nn.Module,
     embq: nn.Module,
@@ -134,24 +121,10 @@ def graft_qwen2_vl_embq(
     that its prompts and the processor's agree on the query tokens.
     """
     core = qwen2_vl_core(model, "graft_embq")
-    num_layers = len(core.language_model.layers)
-    if not isinstance(layer, int) or not 1 <= layer <= num_layers:
-        raise ValueError(f"layer must be a 1-based decoder layer number in 1..{num_layers}, got {layer!r}")
-    if any(isinstance(module, (EmbQDecoderLayer, QueryEmbedding)) for module in model.modules()):
-        raise ValueError("this model already has an EmbQ graft; remove() it first")
-    _check_embq(embq, core)
-    query_tokens = list(query_tokens) if query_tokens is not None else [
-        DEFAULT_QUERY_TOKEN.format(i) for i in range(num_queries)
-    ]
-    if len(query_tokens) != num_queries or num_queries < 1:
-        raise ValueError(f"need num_queries >= 1 query token strings, got {len(query_tokens)} for {num_queries}")
-
-    dot_id = _resolve_dot(tokenizer, dot_token, dot_token_id)
-    token_ids = _add_query_tokens(tokenizer, query_tokens)
-    graft = Qwen2VLEmbQGraft(model, core, tokenizer, layer, query_tokens, token_ids, dot_id)
-    try:
-        _apply(graft, model, core, embq, router_class=Qwen2VLCallRouter)
-    except Exception:
-        graft._undo()
-        raise
-    return graft
+    return _graft(
+        Qwen2VLEmbQGraft, Qwen2VLCallRouter, model, core, embq,
+        text_dim=text_dim(core), vision_dim=merged_dim(core),
+        vision_input="the width of the merged visual tokens, the patch merger's output",
+        layer=layer, tokenizer=tokenizer, num_queries=num_queries,
+        query_tokens=query_tokens, dot_token=dot_token, dot_token_id=dot_token_id,
+    )

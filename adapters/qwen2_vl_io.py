@@ -14,20 +14,17 @@ grid when written. Only JSON and safetensors are read: no pickle, no code from t
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_model, save_model
 from torch import nn
 
 from tokencompress import TokenCompressor
 
-from ._compressor_config import compressor_config, compressor_from_config
+from ._graft_io import check_format_version, read_record
 from ._qwen2_vl_parts import merge_size, merged_dim, qwen2_vl_core
-from .compressor_graft_io import CONFIG_NAME, WEIGHTS_NAME, _device_of, _weights_container
-from .qwen2_vl import MERGER_PATH, Qwen2VLCompressorGraft, graft_qwen2_vl_compressor
+from .compressor_graft_io import CONFIG_NAME, _compressor_fields, _load_weights, _saved_compressor, _write_files
+from .qwen2_vl import Qwen2VLCompressorGraft, graft_qwen2_vl_compressor
 
 __all__ = ["save_qwen2_vl_compressor_graft", "load_qwen2_vl_compressor_graft"]
 
@@ -42,43 +39,28 @@ def save_qwen2_vl_compressor_graft(graft: Qwen2VLCompressorGraft, folder: str | 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dim = graft.module.dim
-    try:
-        settings: dict[str, Any] | None = compressor_config(graft.compressor, _PROBE_GRID, dim)
-    except ValueError as error:
-        # Still worth saving the weights: loading then needs compressor=.
-        warnings.warn(f"saving the compressor's weights only: {error}", UserWarning, stacklevel=3)
-        settings = None
     record = {
         "format": _FORMAT,
         "format_version": _FORMAT_VERSION,
         "model_type": graft._core.config.model_type,
-        "compressor": settings,
-        "compressor_class": f"{type(graft.compressor).__module__}.{type(graft.compressor).__qualname__}",
+        **_compressor_fields(graft.compressor, _PROBE_GRID, dim),
         "new_projector": graft.projector is not None,
         "merge_size": graft.merge_size,
         "dim": dim,
     }
-    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    save_model(_weights_container(graft.compressor, graft.projector), str(folder / WEIGHTS_NAME))
+    _write_files(graft, folder, record)
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no compressor graft in {folder}: {CONFIG_NAME} is missing")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
-        found = record.get("format") if isinstance(record, dict) else None
+    record = read_record(path, f"no compressor graft in {folder}: {CONFIG_NAME} is missing")
+    found = record.get("format") if isinstance(record, dict) else None
+    if found != _FORMAT:
         raise ValueError(
             f"{path} is not a Qwen2-VL compressor graft (its format is {found!r}, not {_FORMAT!r}); "
             "a LLaVA compressor graft loads onto a LLaVA model"
         )
-    if record.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {record.get('format_version')!r}; this version of "
-            f"tokencompress reads {_FORMAT_VERSION}"
-        )
-    return record
+    return check_format_version(record, path, _FORMAT_VERSION)
 
 
 def load_qwen2_vl_compressor_graft(
@@ -104,30 +86,7 @@ def load_qwen2_vl_compressor_graft(
             f"the graft in {folder} was made for merge size {record['merge_size']} and width {record['dim']}; "
             f"this model has {here[0]} and {here[1]}"
         )
-    if compressor is None:
-        if record["compressor"] is None:
-            raise ValueError(
-                f"the graft in {folder} holds only the weights of a {record['compressor_class']} "
-                "(its settings could not be written); pass compressor=<a new instance>"
-            )
-        compressor = compressor_from_config(record["compressor"])
-    if record["new_projector"] and projector is None:
-        raise ValueError(
-            f"the graft in {folder} has a new projector; pass projector=<a module of the same "
-            "architecture> to receive its weights"
-        )
-    if not record["new_projector"] and projector is not None:
-        raise ValueError(f"the graft in {folder} has no new projector, but projector= was given")
+    compressor = _saved_compressor(record, folder, compressor, projector)
     graft = graft_qwen2_vl_compressor(model, compressor, processor=processor, projector=projector)
-    try:
-        # strict: a missing or unexpected key is an error, never a silently random weight.
-        load_model(
-            _weights_container(graft.compressor, graft.projector),
-            str(folder / WEIGHTS_NAME),
-            strict=True,
-            device=str(_device_of(core.get_submodule(MERGER_PATH).base_layer)),
-        )
-    except Exception:
-        graft.remove()
-        raise
+    _load_weights(graft, folder)
     return graft
