@@ -15,6 +15,11 @@ One module per job, each usable on its own:
 - `convert`: the authors' released checkpoints -> a `FlashSloth` folder
   (``python -m recipes.flashsloth.convert``).
 - `chat`: batched greedy answers with the KV cache (``python -m recipes.flashsloth.chat``).
+- `train`: the training script, one stage per run (``python -m recipes.flashsloth.train``,
+  or under ``torchrun``); `model_setup` turns a config into a model, `distributed` holds
+  the torchrun/FSDP2/DDP plumbing, `metric_log` the JSONL log.
+- `evaluate`: held-out accuracy on the synthetic set (``python -m recipes.flashsloth.evaluate``).
+- `demo`: the whole recipe on CPU in minutes (``python -m recipes.flashsloth.demo``).
 
 Heavy imports (PIL, tokenizers) stay inside the modules that need them.
 """

@@ -39,6 +39,9 @@ class FlashSlothChat:
         model: a `FlashSloth`, or the folder `FlashSloth.save_pretrained` wrote.
         device, dtype: where to load a folder (ignored for a model object, used as is).
         max_length: refuse prompts longer than this many tokens (default: no limit).
+        allow_no_queries: accept a model without EmbQ. By default one is refused as a
+            stage-1 checkpoint; a stage-2 model trained with ``num_queries=0`` (the
+            paper's Table 3 rows without EmbQ) answers questions too.
     """
 
     def __init__(
@@ -48,10 +51,11 @@ class FlashSlothChat:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_length: int | None = None,
+        allow_no_queries: bool = False,
     ) -> None:
         if not isinstance(model, FlashSloth):
             model = FlashSloth.from_pretrained(model, device=device, dtype=dtype)
-        if model.embq_graft is None:
+        if model.embq_graft is None and not allow_no_queries:
             raise ValueError("this model has no EmbQ (a stage-1 checkpoint): it was not trained to answer questions")
         self.model = model.eval()
         self.template = model.make_template("vicuna_v1", max_length=max_length)

@@ -74,6 +74,8 @@ class ModelConfig:
     hd: bool = False  # FlashSloth-HD: thumbnail + 4 tiles of image_size each
     sap_window: int = 3
     sap_dropout: float = 0.1  # dropout in SAP's score MLP, as released
+    # Table 3's visual compression rows: "sap" (FlashSloth), "avgpool" or "none" (all tokens).
+    compressor: Literal["sap", "avgpool", "none"] = "sap"
     num_queries: int = 9
     # 1-based, as the paper counts and as `graft_embq(layer=...)` takes it: 8 means EmbQ
     # updates the input of the 8th decoder layer (`layers[7]`), after 7 layers have run.

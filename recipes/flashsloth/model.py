@@ -13,6 +13,8 @@ What `build_flashsloth` assembles (paper sizes):
   token), phi-2 as the LLM, and LLaVA's projector Linear(1152, 2560) -> GELU ->
   Linear(2560, 2560) with bias (the release's "mlp2x_gelu").
 - `graft_compressor(SAP(1152, window=3))`: 729 -> 81 tokens per image, before the projector.
+  `compressor="avgpool"` grafts `AvgPool(window=3)` instead (the paper's Table 3 "Avg.Pool"
+  row), and `compressor="none"` grafts nothing: the 729-token baseline, LLaVA's own path.
 - `graft_embq(EmbQ(2560, 1152, 576, 32), layer=8, num_queries=9)`: the query tokens and
   EmbQ on the input of the 8th decoder layer. `num_queries=0` builds no EmbQ (stage 1).
 
@@ -69,7 +71,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from tokencompress import SAP, EmbQ
+from tokencompress import SAP, AvgPool, EmbQ, TokenCompressor
 from tokencompress.adapters import (
     CompressorGraft,
     EmbQGraft,
@@ -86,6 +88,7 @@ from .template import ConversationTemplate, PlainTemplate, build_template
 from .tokenizer import IMAGE_TOKEN, PAD_TOKEN
 
 __all__ = [
+    "COMPRESSORS",
     "CONFIG_NAME",
     "FlashSloth",
     "FlashSlothConfig",
@@ -101,6 +104,8 @@ WEIGHTS_NAME = "model.safetensors"  # the ungrafted LLaVA's tensors, canonical n
 _FORMAT = "tokencompress.flashsloth"
 _FORMAT_VERSION = 1
 HD_NUM_VIEWS = 5
+# The visual compressor choices of the paper's Table 3: its SAP, average pooling, or none.
+COMPRESSORS = ("sap", "avgpool", "none")
 
 # SigLIP so400m/14 at 384 px, as FlashSloth builds it: the checkpoint has 27 encoder
 # layers; FlashSloth reads the 26th (the penultimate), so 26 are built.
@@ -171,7 +176,10 @@ class FlashSlothConfig:
             (`num_hidden_layers` counts the layers up to the one whose output is used).
         text: `PhiConfig` settings of the LLM; `vocab_size` None sizes the vocabulary from
             the tokenizer (its length plus the query tokens, rounded up to 64).
-        sap_window, sap_dropout: SAP's window side s and score-MLP dropout.
+        compressor: "sap" (FlashSloth), "avgpool" (same windows, uniform weights) or
+            "none" (every vision token reaches the LLM): Table 3's compression rows.
+        sap_window, sap_dropout: the window side s (SAP and AvgPool) and SAP's score-MLP
+            dropout.
         projector_hidden_act: the projector's activation (transformers' name).
         lm_head_bias: phi-2's LM head has a bias.
         num_queries: EmbQ query tokens per user turn; 0 builds no EmbQ (stage 1).
@@ -191,6 +199,7 @@ class FlashSlothConfig:
     embq_inner_dim: int = 576
     embq_num_heads: int = 32
     hd: bool = False
+    compressor: str = "sap"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vision", dict(self.vision))
@@ -205,6 +214,8 @@ class FlashSlothConfig:
             raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         if self.sap_window < 1:
             raise ValueError(f"sap_window must be >= 1, got {self.sap_window}")
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
         if self.num_queries < 0:
             raise ValueError(f"num_queries must be >= 0, got {self.num_queries}")
         if self.num_queries and not 1 <= self.embq_layer <= self.text["num_hidden_layers"]:
@@ -264,7 +275,10 @@ class FlashSlothConfig:
 
     @property
     def tokens_per_view(self) -> int:
-        """Visual tokens per view after SAP: ceil(27 / 3)^2 = 81."""
+        """Visual tokens per view after the compressor: ceil(27 / 3)^2 = 81 (SAP or
+        AvgPool), or the whole 27 x 27 = 729 grid without one."""
+        if self.compressor == "none":
+            return self.grid[0] * self.grid[1]
         rows, cols = (math.ceil(side / self.sap_window) for side in self.grid)
         return rows * cols
 
@@ -433,8 +447,13 @@ def _load_pretrained_llm(llava: LlavaForConditionalGeneration, source: str | Pat
     llava.lm_head.load_state_dict(head, strict=True)
 
 
-def _new_sap(config: FlashSlothConfig, llava: LlavaForConditionalGeneration) -> SAP:
-    return SAP(llava.config.vision_config.hidden_size, window=config.sap_window, dropout=config.sap_dropout)
+def _new_compressor(config: FlashSlothConfig, llava: LlavaForConditionalGeneration) -> TokenCompressor | None:
+    """The configured compressor, new (SAP's score MLP random); None for "none"."""
+    if config.compressor == "sap":
+        return SAP(llava.config.vision_config.hidden_size, window=config.sap_window, dropout=config.sap_dropout)
+    if config.compressor == "avgpool":
+        return AvgPool(window=config.sap_window)
+    return None
 
 
 def _new_embq(config: FlashSlothConfig, llava: LlavaForConditionalGeneration) -> EmbQ:
@@ -471,6 +490,8 @@ def build_flashsloth(
 
     The projector, SAP, EmbQ and the query vectors (zeros: the queries start as ".")
     are new; the rest is random unless loaded from `vision_weights` / `llm_weights`.
+    With `config.compressor` "avgpool" the graft is parameter-free; with "none" there is
+    no compressor graft (`FlashSloth.compressor_graft` is None).
     """
     prepare_tokenizer(tokenizer)
     vocab_size = _vocab_size(config, tokenizer)
@@ -482,7 +503,8 @@ def build_flashsloth(
         _load_pretrained_llm(llava, llm_weights, config, dtype)
     skip_init = contextlib.nullcontext() if initialize else no_init_weights()
     with skip_init, torch.device(device):
-        compressor = graft_compressor(llava, _new_sap(config, llava))
+        new_compressor = _new_compressor(config, llava)
+        compressor = graft_compressor(llava, new_compressor) if new_compressor is not None else None
         queries = None
         if config.num_queries:
             queries = graft_embq(
@@ -545,7 +567,8 @@ class FlashSloth(nn.Module):
         config: the `FlashSlothConfig` it was built from.
         llava: the grafted transformers model (`generate`, gradient checkpointing, ...).
         tokenizer: holds the image, pad and query tokens.
-        compressor_graft: the SAP graft; `embq_graft`: the EmbQ graft, or None.
+        compressor_graft: the SAP (or AvgPool) graft, or None without compression;
+            `embq_graft`: the EmbQ graft, or None.
     """
 
     def __init__(
@@ -553,7 +576,7 @@ class FlashSloth(nn.Module):
         config: FlashSlothConfig,
         llava: LlavaForConditionalGeneration,
         tokenizer: Any,
-        compressor_graft: CompressorGraft,
+        compressor_graft: CompressorGraft | None,
         embq_graft: EmbQGraft | None,
     ) -> None:
         super().__init__()
@@ -563,11 +586,12 @@ class FlashSloth(nn.Module):
         self.compressor_graft = compressor_graft
         self.embq_graft = embq_graft
         self.train(llava.training)  # a new nn.Module is in training mode; follow the model
-        if compressor_graft.num_image_tokens != config.tokens_per_view:
-            raise ValueError(
-                f"the compressor gives {compressor_graft.num_image_tokens} tokens per view, "
-                f"the config {config.tokens_per_view}"
-            )
+        if (compressor_graft is None) != (config.compressor == "none"):
+            raise ValueError(f"the config's compressor is {config.compressor!r}, the compressor graft "
+                             f"{'absent' if compressor_graft is None else 'present'}")
+        per_view = compressor_graft.num_image_tokens if compressor_graft is not None else math.prod(config.grid)
+        if per_view != config.tokens_per_view:
+            raise ValueError(f"the model gives {per_view} tokens per view, the config {config.tokens_per_view}")
 
     # -- what the data pipeline needs ----------------------------------------------------
     @property
@@ -594,7 +618,11 @@ class FlashSloth(nn.Module):
 
     def make_template(self, name: str = "vicuna_v1", *, max_length: int | None = None
                       ) -> ConversationTemplate | PlainTemplate:
-        """The recipe's template ("vicuna_v1" or "plain") with this model's token ids."""
+        """The recipe's template ("vicuna_v1" or "plain") with this model's token ids.
+
+        A model built with ``num_queries=0`` gets "vicuna_v1" without query blocks (the
+        paper's Table 3 rows without EmbQ); the template cannot forget queries it has.
+        """
         return build_template(
             name,
             self.tokenizer,
@@ -602,6 +630,7 @@ class FlashSloth(nn.Module):
             num_image_tokens=self.num_image_tokens,
             query_token_ids=self.query_token_ids if name != "plain" else (),
             max_length=max_length,
+            allow_no_queries=self.config.num_queries == 0,
         )
 
     @property
@@ -659,10 +688,12 @@ class FlashSloth(nn.Module):
 
     # -- canonical names and components ---------------------------------------------------
     def _graft_tensor_names(self) -> dict[int, str]:
-        compressor = self.compressor_graft.compressor
-        names = {id(t): f"compressor.{n}" for n, t in compressor.state_dict(keep_vars=True).items()}
-        if self.compressor_graft.projector is not None:
-            raise NotImplementedError("FlashSloth keeps LLaVA's projector; a new graft projector has no name here")
+        names: dict[int, str] = {}
+        if self.compressor_graft is not None:
+            compressor = self.compressor_graft.compressor
+            names = {id(t): f"compressor.{n}" for n, t in compressor.state_dict(keep_vars=True).items()}
+            if self.compressor_graft.projector is not None:
+                raise NotImplementedError("FlashSloth keeps LLaVA's projector; a new graft projector has no name here")
         if self.embq_graft is not None:
             names.update({id(t): f"embq.{n}" for n, t in self.embq_graft.embq.state_dict(keep_vars=True).items()})
             names[id(self.embq_graft.query_vectors)] = "query_vectors"
@@ -760,7 +791,8 @@ class FlashSloth(nn.Module):
             if component_of(name) in ("vision_encoder", "projector", "llm")
         }
         save_file(base, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        self.compressor_graft.save_pretrained(folder)
+        if self.compressor_graft is not None:
+            self.compressor_graft.save_pretrained(folder)
         if self.embq_graft is not None:
             self.embq_graft.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
@@ -782,7 +814,7 @@ class FlashSloth(nn.Module):
         llava = _build_llava(config, tokenizer, config.text["vocab_size"], device=device, dtype=dtype,
                              initialize=False)
         llava.load_state_dict(read_safetensors(folder, device=str(torch.device(device))), strict=True)
-        compressor = load_compressor_graft(llava, folder)
+        compressor = load_compressor_graft(llava, folder) if config.compressor != "none" else None
         queries = load_embq_graft(llava, folder, tokenizer=tokenizer) if config.num_queries else None
         _check_loaded_grafts(config, compressor, queries)
         return cls(config, llava, tokenizer, compressor, queries)
@@ -796,10 +828,16 @@ def _check_components(components: Iterable[str]) -> set[str]:
     return wanted
 
 
-def _check_loaded_grafts(config: FlashSlothConfig, compressor: CompressorGraft, queries: EmbQGraft | None) -> None:
-    sap = compressor.compressor
-    if not isinstance(sap, SAP) or sap.window != config.sap_window:
-        raise ValueError(f"the folder's compressor is {sap!r}, the config asks for SAP(window={config.sap_window})")
+def _check_loaded_grafts(config: FlashSlothConfig, compressor: CompressorGraft | None,
+                        queries: EmbQGraft | None) -> None:
+    if compressor is not None:
+        loaded = compressor.compressor
+        wanted = {"sap": SAP, "avgpool": AvgPool}[config.compressor]
+        if type(loaded) is not wanted or loaded.window != config.sap_window:
+            raise ValueError(
+                f"the folder's compressor is {loaded!r}, the config asks for "
+                f"{wanted.__name__}(window={config.sap_window})"
+            )
     if queries is not None:
         embq = queries.embq
         found = (queries.layer, queries.num_queries, embq.inner_dim, embq.num_heads)

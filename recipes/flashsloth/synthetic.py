@@ -16,6 +16,9 @@ writes, all deterministic given the arguments:
 - ``test.json``: held-out pictures, one question each, with "answer" and "question_type".
 - ``info.json``: arguments, counts and the answer vocabulary.
 
+``--task detail`` writes the compression ablation's task instead, in the same files: one
+shape with a small dot among loose distractor dots (`synthetic_detail`).
+
 Image paths in the JSON files are relative to ``images/`` (the config's ``image_folder``).
 """
 
@@ -38,6 +41,7 @@ __all__ = [
     "NUMBER_WORDS",
     "QUESTION_TYPES",
     "SHAPES",
+    "TASKS",
     "Item",
     "Question",
     "Scene",
@@ -67,6 +71,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 SIDES = {"circle": "zero", "triangle": "three", "square": "four", "diamond": "four"}
 QUESTION_TYPES = ("colour", "shape", "occupied", "count", "dot", "where")
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # as in LLaVA-1.5
+TASKS = ("grid", "detail")  # this module's grid questions; `synthetic_detail`'s task
 BACKGROUND = (255, 255, 255)
 MIN_IMAGE_SIZE = 24
 
@@ -241,8 +246,21 @@ def generate_dataset(
     text_only_fraction: float = 0.1,
     max_rounds: int = 3,
     progress: bool = True,
+    task: str = "grid",
+    num_distractors: int = 3,
 ) -> dict:
-    """Write the data set into ``out_dir`` (files overwritten); returns the info dict."""
+    """Write the data set into ``out_dir`` (files overwritten); returns the info dict.
+
+    ``task="detail"`` writes `synthetic_detail`'s task (with ``num_distractors`` loose
+    dots per picture); ``text_only_fraction`` and ``max_rounds`` are the grid task's.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "detail":
+        from .synthetic_detail import generate_detail_dataset  # it imports this module
+
+        return generate_detail_dataset(out_dir, num_train=num_train, num_test=num_test, seed=seed,
+                                       image_size=image_size, num_distractors=num_distractors, progress=progress)
     minimums = (("num_train", num_train, 1), ("num_test", num_test, 0), ("max_rounds", max_rounds, 1))
     for name, value, low in minimums:
         if value < low:
@@ -339,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--text-only-fraction", type=float, default=0.1,
                         help="text-only samples, as a fraction of --num-train")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--task", choices=TASKS, default="grid",
+                        help="grid: the recipe's grid questions; detail: the compression ablation's task")
+    parser.add_argument("--num-distractors", type=int, default=3, help="loose dots per picture (--task detail)")
     args = parser.parse_args(argv)
     try:
         info = generate_dataset(
@@ -349,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             image_size=args.image_size,
             text_only_fraction=args.text_only_fraction,
             progress=not args.no_progress,
+            task=args.task,
+            num_distractors=args.num_distractors,
         )
     except ValueError as exc:
         parser.error(str(exc))

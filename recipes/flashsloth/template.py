@@ -114,6 +114,8 @@ class ConversationTemplate:
     Hooks: ``image_token_id`` x ``num_image_tokens`` placeholders per image (81, or 405
     with HD), ``query_token_ids`` (the query block, e.g. 9 ids), ``end_of_reply`` (the
     text ending each reply; default the tokenizer's eos token, so generation stops on eos).
+    ``allow_no_queries`` accepts an empty ``query_token_ids`` (a model built without
+    EmbQ, as the paper's Table 3 rows without it): no query blocks then.
     """
 
     def __init__(
@@ -125,11 +127,13 @@ class ConversationTemplate:
         query_token_ids: Sequence[int],
         max_length: int | None = None,
         end_of_reply: str | None = None,
+        allow_no_queries: bool = False,
     ) -> None:
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
-        if not query_token_ids:
-            raise ValueError("query_token_ids is empty: stage 2 puts a query block in every user turn")
+        if not query_token_ids and not allow_no_queries:
+            raise ValueError("query_token_ids is empty: stage 2 puts a query block in every user turn "
+                             "(allow_no_queries=True for a model without EmbQ)")
         end = tokenizer.eos_token if end_of_reply is None else end_of_reply
         if not end:
             raise ValueError("the tokenizer has no eos token: pass end_of_reply")
@@ -257,8 +261,12 @@ def build_template(
     num_image_tokens: int,
     query_token_ids: Sequence[int] = (),
     max_length: int | None = None,
+    allow_no_queries: bool = False,
 ) -> ConversationTemplate | PlainTemplate:
-    """The template a config's ``data.template`` names: "vicuna_v1" (stage 2) or "plain"."""
+    """The template a config's ``data.template`` names: "vicuna_v1" (stage 2) or "plain".
+
+    ``allow_no_queries``: "vicuna_v1" without query blocks, for a model without EmbQ.
+    """
     if name == "vicuna_v1":
         return ConversationTemplate(
             tokenizer,
@@ -266,6 +274,7 @@ def build_template(
             num_image_tokens=num_image_tokens,
             query_token_ids=query_token_ids,
             max_length=max_length,
+            allow_no_queries=allow_no_queries,
         )
     if name == "plain":
         if query_token_ids:
