@@ -123,7 +123,8 @@ def random_detail_scene(rng: random.Random, size: int = 72, num_distractors: int
     x, y = rng.choice(_valid_centres(mask, radius + 1))
     dot = Dot(x, y, rng.choice([c for c in COLOURS if c != colour]))
     # Loose dots: on the background, clear of the shape and of each other.
-    free = ImageDraw.Draw(background := Image.eval(mask, lambda v: 255 - v))
+    background = Image.eval(mask, lambda v: 255 - v)
+    free = ImageDraw.Draw(background)
     loose = []
     for _ in range(num_distractors):
         centres = _valid_centres(background, radius + 2)

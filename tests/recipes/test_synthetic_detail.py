@@ -73,7 +73,8 @@ def test_pictures_match_the_answers() -> None:
         # The shape's colour is the picture's most frequent non-white colour, in 5+ of 9 windows.
         colours = Counter(pixels[i, j] for i in range(SIZE) for j in range(SIZE)) - Counter({WHITE: SIZE * SIZE})
         assert colours.most_common(1)[0][0] == COLOURS[scene.colour]
-        windows = {(i // 24, j // 24) for i in range(SIZE) for j in range(SIZE) if pixels[i, j] == COLOURS[scene.colour]}
+        shape = COLOURS[scene.colour]
+        windows = {(i // 24, j // 24) for i in range(SIZE) for j in range(SIZE) if pixels[i, j] == shape}
         assert len(windows) >= 5
         # Loose dots: on the white background, in their colours.
         for loose in scene.loose:
