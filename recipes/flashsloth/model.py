@@ -693,7 +693,8 @@ class FlashSloth(nn.Module):
             compressor = self.compressor_graft.compressor
             names = {id(t): f"compressor.{n}" for n, t in compressor.state_dict(keep_vars=True).items()}
             if self.compressor_graft.projector is not None:
-                raise NotImplementedError("FlashSloth keeps LLaVA's projector; a new graft projector has no name here")
+                # The builders never give the compressor graft a projector of its own.
+                raise RuntimeError("FlashSloth keeps LLaVA's projector, but the compressor graft holds a new one")
         if self.embq_graft is not None:
             names.update({id(t): f"embq.{n}" for n, t in self.embq_graft.embq.state_dict(keep_vars=True).items()})
             names[id(self.embq_graft.query_vectors)] = "query_vectors"
