@@ -43,6 +43,7 @@ from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PhiConfig, SiglipVisionConfig
 from transformers.generation.streamers import BaseStreamer
 
+from benchmarks.compressors import timed_seconds
 from tokencompress import LDPv2, SAP, AvgPool, EmbQ, PixelShuffle, TokenCompressor
 from tokencompress.profile import EmbQSpec, ProfileSpec, build_projector, profile_model
 from tokencompress.profile_presets import phi_2, siglip_so400m_384
@@ -345,7 +346,7 @@ def pick_dtype(requested: str, device: torch.device, width: int) -> tuple[torch.
     speeds = {}
     for dtype in (torch.float32, torch.bfloat16):
         x, weight = torch.randn(256, width, dtype=dtype), torch.randn(width, 4 * width, dtype=dtype)
-        seconds = _median(_timed(lambda: x @ weight, device, warmup=1, repeats=5))
+        seconds = _median(timed_seconds(lambda: x @ weight, device, warmup=1, repeats=5))
         speeds[str(dtype).removeprefix("torch.")] = 2 * 256 * width * 4 * width / seconds / 1e9
     best = max(speeds, key=speeds.__getitem__)
     return getattr(torch, best), {
@@ -363,19 +364,6 @@ def _sync(device: torch.device) -> None:
 
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
 
 
 class TokenClock(BaseStreamer):
@@ -549,7 +537,7 @@ def measure_round(
     _generate(model, one, new_tokens, streamer=clock)
     token_times = clock.times[-new_tokens:]  # the prompt is put first
     # Batch throughput of the first round.
-    batch_seconds = _timed(lambda: _generate(model, batch, 1), device, warmup=0, repeats=1)[0]
+    batch_seconds = timed_seconds(lambda: _generate(model, batch, 1), device, warmup=0, repeats=1)[0]
     # Parts, in a run of their own (the hooks synchronise on CUDA).
     parts = part_clock(model, grafted, device)
     try:
