@@ -17,7 +17,12 @@ writes, all deterministic given the arguments:
 - ``info.json``: arguments, counts and the answer vocabulary.
 
 ``--task detail`` writes the compression ablation's task instead, in the same files: one
-shape with a small dot among loose distractor dots (`synthetic_detail`).
+shape with a small dot among loose distractor dots (`synthetic_detail`). The CPU demo
+trains on that task: the grid's questions name a cell, and the tiny from-scratch LLM
+does not learn to bind a cell's name to its image token within minutes (it learns each
+question type's answer prior; docs/flashsloth.md). The grid task still exercises every
+part of the formats: several rounds per picture, text-only samples, LLaVA's answer
+suffix.
 
 Image paths in the JSON files are relative to ``images/`` (the config's ``image_folder``).
 """

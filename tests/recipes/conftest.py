@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from recipes.flashsloth.data import conversation_texts, load_llava_json
 from recipes.flashsloth.synthetic import generate_dataset
@@ -29,3 +31,14 @@ def tiny_tokenizer(synthetic_dir: Path):
     for name in ("pretrain.json", "instruct.json", "test.json"):
         texts += list(conversation_texts(load_llava_json(synthetic_dir / name)))
     return build_tiny_tokenizer(texts, vocab_size=400)
+
+
+@pytest.fixture
+def one_cpu_thread() -> Iterator[None]:
+    """Bitwise-equal runs on CPU need a fixed thread count: with several threads some
+    kernels (SDPA's CPU backward among them) reduce in a varying order, so two identical
+    runs already differ in the 8th digit, resumed or not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

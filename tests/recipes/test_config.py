@@ -42,7 +42,7 @@ def test_bundled_configs_load_and_share_the_paper_recipe(name):
     config = load_config(name)
     assert isinstance(config, RecipeConfig)
     assert config.schedule.warmup_ratio == 0.03
-    assert config.training.epochs == (6 if name == "tiny_stage2" else 1)
+    assert config.training.epochs == (12 if name == "tiny_stage2" else 1)
     assert config.optimizer.betas == (0.9, 0.999)
     assert config.checkpoint.save_every_n_steps >= 1
     # Every file spells out every key: the YAML is the documentation of a run.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
 import sys
 from pathlib import Path
 
@@ -215,17 +214,6 @@ def test_steps_without_any_target_token_are_skipped_not_nan(data_dir: Path, tmp_
 
 
 # ----------------------------------------------------------------------------- resume
-
-
-@pytest.fixture
-def one_cpu_thread() -> Iterator[None]:
-    """Bitwise-equal runs on CPU need a fixed thread count: with several threads some
-    kernels (SDPA's CPU backward among them) reduce in a varying order, so two identical
-    runs already differ in the 8th digit, resumed or not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
