@@ -15,7 +15,9 @@ the one place transformers decides it:
   instance attribute that calls the class's own method (the vision tower runs on the
   original grid) and compresses each image's merged tokens it returns;
 - **the placeholders**: the processor's `replace_image_token` (an instance attribute)
-  writes t * H' * W' image pads per image instead of t * (h/m) * (w/m);
+  writes t * H' * W' image pads per image instead of t * (h/m) * (w/m), and its
+  `_get_num_multimodal_tokens` (what serving engines ask, from image sizes alone)
+  reports the same counts;
 - **the rotary positions**: the core's `get_rope_index` (an instance attribute) lays out
   each image under its rope grid (t, H' * m, W' * m) instead of (t, h, w), i.e. exactly as
   for an image whose merged grid is (H', W'). Every caller goes through it: the forward
@@ -29,6 +31,7 @@ unwraps the merger.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +132,52 @@ def _compressed_placeholders(processor: Any, merger: CompressedPatchMerger) -> C
     return replace_image_token
 
 
+def _smart_resize_of(image_processor: Any) -> Callable[..., tuple[int, int]]:
+    """The `smart_resize` of the module that defines the image processor's class (or a base
+    class's): transformers keeps one per backend module, so the one in use is found there."""
+    for cls in type(image_processor).__mro__:
+        function = getattr(sys.modules.get(cls.__module__), "smart_resize", None)
+        if callable(function):
+            return function
+    raise TypeError(
+        f"cannot find the resize rule (`smart_resize`) of image processor {type(image_processor).__name__}; "
+        "expected a Qwen2-VL image processor or a subclass"
+    )
+
+
+def _resized_patch_grid(image_processor: Any, height: int, width: int, images_kwargs: dict) -> tuple[int, int]:
+    """(rows, cols) of patches of an image of `height` x `width` after the image processor's
+    resize: the grid behind its `get_number_of_image_patches`, with the same options."""
+    smart_resize = _smart_resize_of(image_processor)
+    patch = images_kwargs.get("patch_size", image_processor.patch_size)
+    merge = images_kwargs.get("merge_size", image_processor.merge_size)
+    min_pixels = images_kwargs.get("min_pixels", image_processor.size["shortest_edge"])
+    max_pixels = images_kwargs.get("max_pixels", image_processor.size["longest_edge"])
+    rows, cols = smart_resize(height, width, patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+    return rows // patch, cols // patch
+
+
+def _compressed_multimodal_token_counts(
+    method: Callable[..., Any], processor: Any, merger: CompressedPatchMerger
+) -> Callable[..., Any]:
+    """The processor's `_get_num_multimodal_tokens` (how serving engines such as vLLM size
+    the placeholders from image sizes alone), with each image's compressed count."""
+
+    def get_num_multimodal_tokens(image_sizes: Any = None, video_sizes: Any = None, **kwargs: Any) -> Any:
+        data = method(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
+        if image_sizes is None:
+            return data
+        images_kwargs = processor._merge_kwargs(**kwargs).get("images_kwargs", {})
+        image_processor = processor.image_processor
+        grids = torch.tensor(
+            [(1, *_resized_patch_grid(image_processor, int(h), int(w), images_kwargs)) for h, w in image_sizes]
+        )
+        data.num_image_tokens = merger.token_counts(grids).tolist()
+        return data
+
+    return get_num_multimodal_tokens
+
+
 class Qwen2VLCompressorGraft:
     """What `graft_compressor` changed on a Qwen2-VL / Qwen2.5-VL model, and how to undo,
     lift or save it.
@@ -193,6 +242,9 @@ class Qwen2VLCompressorGraft:
         ]
         if processor is not None:
             overrides.append((processor, "replace_image_token", lambda _: _compressed_placeholders(processor, merger)))
+            if hasattr(processor, "_get_num_multimodal_tokens"):
+                overrides.append((processor, "_get_num_multimodal_tokens",
+                                  lambda method: _compressed_multimodal_token_counts(method, processor, merger)))
         for owner, name, make in overrides:  # one at a time: _undo() takes back those made
             self._overrides.append(InstanceOverride.install(owner, name, make))
 

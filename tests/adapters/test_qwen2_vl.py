@@ -163,6 +163,30 @@ def test_each_image_gets_the_placeholders_and_tokens_of_its_out_grid(family: str
 
 
 @pytest.mark.parametrize("name", ["avgpool", "pixel_shuffle"])
+def test_serving_token_counts_from_image_sizes_follow_the_graft(family: str, name: str) -> None:
+    """`_get_num_multimodal_tokens` (vLLM sizes placeholders with it, from sizes alone)
+    must report what the processor writes for the real images, grafted or not."""
+    model, processor = build(family)
+    images = images_of(BIG, SMALL, WIDE, (100, 30))
+    # PIL sizes are (width, height); the processor's image sizes are (height, width).
+    image_sizes = [(image.height, image.width) for image in images]
+
+    def placeholders_per_image() -> list[int]:
+        inputs = encode(processor, [prompt_text(1)] * len(images), [[image] for image in images])
+        return (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+
+    before = processor._get_num_multimodal_tokens(image_sizes=image_sizes).num_image_tokens
+    assert before == placeholders_per_image()
+    handle = graft(model, processor, name)
+    grafted = processor._get_num_multimodal_tokens(image_sizes=image_sizes).num_image_tokens
+    assert grafted == placeholders_per_image()
+    assert all(after < original for after, original in zip(grafted, before))
+    handle.remove()
+    assert "_get_num_multimodal_tokens" not in vars(processor)
+    assert processor._get_num_multimodal_tokens(image_sizes=image_sizes).num_image_tokens == before
+
+
+@pytest.mark.parametrize("name", ["avgpool", "pixel_shuffle"])
 def test_rotary_positions_are_those_of_images_whose_grid_is_the_out_grid(family: str, name: str) -> None:
     model, processor = build(family)
     handle = graft(model, processor, name)
