@@ -184,7 +184,7 @@ _SENTINEL = "\ue000text{}\ue001"
 _SENTINEL_PATTERN = re.compile("\ue000text(\\d+)\ue001")
 
 
-def chat_template(renderer: Any, **render_kwargs: Any) -> Template:
+def chat_template(renderer: Any, *, end_of_turn: str | None = "auto", **render_kwargs: Any) -> Template:
     """A `Template` from a tokenizer's (or processor's) Jinja chat template.
 
     The conversation is rendered once with every text part replaced by a sentinel; the
@@ -193,7 +193,16 @@ def chat_template(renderer: Any, **render_kwargs: Any) -> Template:
     text part of every user message. Images in list-style content stay as they are, so
     the template writes its own image markers. `render_kwargs` go to
     `apply_chat_template` (e.g. `chat_template=` to pass the template itself).
+
+    `end_of_turn` is the template text that closes an assistant turn and is trained with
+    the reply, so the model learns to stop: where the text right after a reply starts with
+    it, that much is a `Reply` too. `"auto"`: the tokenizer's eos token (`<|im_end|>` for
+    Qwen2's chat tokenizers, `<|eot_id|>` for Llama 3's); None: the reply's words only.
     """
+    if end_of_turn == "auto":
+        end_of_turn = getattr(getattr(renderer, "tokenizer", renderer), "eos_token", None)
+    if end_of_turn is not None and not (isinstance(end_of_turn, str) and end_of_turn):
+        raise ValueError(f"end_of_turn must be a non-empty string, 'auto' or None, got {end_of_turn!r}")
 
     def render(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list[Piece]:
         texts: list[tuple[str, str]] = []  # (role, text) of each sentinel
@@ -238,6 +247,10 @@ def chat_template(renderer: Any, **render_kwargs: Any) -> Template:
         pieces: list[Piece] = []
         for position, chunk in enumerate(chunks):
             if position % 2 == 0:
+                after_reply = bool(pieces) and isinstance(pieces[-1], Reply)
+                if after_reply and end_of_turn and chunk.startswith(end_of_turn):
+                    pieces.append(Reply(end_of_turn))
+                    chunk = chunk[len(end_of_turn):]
                 if chunk:
                     pieces.append(Text(chunk))
                 continue

@@ -131,7 +131,27 @@ def test_chat_template(tokenizer, ids):
     )
     spans = [decode(tokenizer, (prompt.input_ids[i] for i in b.instruction_positions)) for b in prompt.blocks]
     assert spans == ["What is it?", "And its name?"]
-    assert decode(tokenizer, [t for t in prompt.labels if t != -100]) == "A dog."
+    # The reply and the end of its turn (the tokenizer's eos here) are the targets: the
+    # model learns to stop where the template closes the turn.
+    targets = [t for t in prompt.labels if t != -100]
+    assert decode(tokenizer, targets) == "A dog.</s>" and targets[-1] == tokenizer.eos_token_id
+
+
+def test_chat_template_end_of_turn_is_configurable(tokenizer, ids):
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+
+    def targets(**kwargs):
+        prompt = encode(messages, tokenizer, ids, template=chat_template(tokenizer, chat_template=CHATML, **kwargs))
+        return decode(tokenizer, [t for t in prompt.labels if t != -100]), prompt.input_ids
+
+    trained, ids_auto = targets()
+    untrained, ids_none = targets(end_of_turn=None)
+    assert (trained, untrained) == ("Hello.</s>", "Hello.")
+    assert ids_auto == ids_none  # the same tokens either way: only the labels differ
+    # A marker the template does not write after the reply trains nothing extra.
+    assert targets(end_of_turn="<|end|>")[0] == "Hello."
+    with pytest.raises(ValueError, match="end_of_turn must be a non-empty string"):
+        chat_template(tokenizer, end_of_turn="")
 
 
 def test_chat_template_that_rewrites_content_is_refused(tokenizer, ids):
