@@ -1,6 +1,6 @@
 """End-to-end benchmark: real forward passes of a LLaVA (SigLIP so400m + phi-2) with random weights.
 
-    python -m benchmarks.end_to_end                 # full size (3.2B): slow on a CPU
+    python -m benchmarks.end_to_end                 # full size (3.2B): 41 minutes on 2 CPU cores
     python -m benchmarks.end_to_end --scale 0.25    # narrower and shallower: minutes on 2 cores
     python -m benchmarks.end_to_end --quick         # tiny: seconds (the test runs this)
 

@@ -144,3 +144,14 @@ def test_bad_arguments_are_refused() -> None:
     for argv in (["--scale", "0"], ["--scale", "1.5"], ["--repeats", "0"], ["--quick", "--scale", "0.5"]):
         with pytest.raises(SystemExit):
             end_to_end.parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    "median, shown",
+    [(0.06661, "0.0666"), (3.5, "3.50"), (43.94, "43.9"), (105.4, "105"), (12345.6, "12,346"), (0.0, "0")],
+)
+def test_rates_show_three_significant_digits(median: float, shown: str) -> None:
+    """Full-size CPU throughputs are below 1/s: one decimal would show 0.1 for 0.0666."""
+    from benchmarks.end_to_end_report import _rate
+
+    assert _rate({"median": median}) == shown
