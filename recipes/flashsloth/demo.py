@@ -1,6 +1,6 @@
 """The whole FlashSloth recipe on a CPU in a few minutes, on tiny models and synthetic data.
 
-    python -m recipes.flashsloth.demo                 # about 5 minutes on 2 cores
+    python -m recipes.flashsloth.demo                 # about 4 minutes on 2 cores
     python -m recipes.flashsloth.demo --quick         # a smoke run of a few seconds
 
 1. writes the synthetic "detail" data set (`recipes.flashsloth.synthetic_detail`: one
@@ -41,6 +41,7 @@ from .synthetic import generate_dataset
 from .train import EVAL_FILE, FlashSlothRecipe
 
 __all__ = ["FULL", "QUICK", "DemoSizes", "main", "run_demo"]
+
 
 @dataclass(frozen=True)
 class DemoSizes:
