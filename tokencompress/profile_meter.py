@@ -44,7 +44,10 @@ def _storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:
     """An id of the tensor's storage (shared by its views), with its size; None if it has none."""
     try:
         storage = tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse, nested and other storage-less tensors
+    except (RuntimeError, NotImplementedError):
+        # Layouts without one storage: torch raises NotImplementedError for sparse tensors
+        # ("Cannot access storage of SparseTensorImpl") and RuntimeError for some wrapper
+        # subclasses. They are not counted: no op on the profiled models returns them.
         return None
     # `_cdata` is the address of the StorageImpl, which views share: the identity that
     # torch's own `StorageWeakRef` uses (a meta storage's data_ptr is always 0).

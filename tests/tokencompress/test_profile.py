@@ -23,7 +23,7 @@ from tokencompress.profile import (
     vision_layers_run,
     weight_bytes,
 )
-from tokencompress.profile_meter import measure
+from tokencompress.profile_meter import LiveBytesTracker, measure
 from tokencompress.profile_presets import PAPER_TFLOPS, PRESETS, phi_2, preset, siglip_so400m_384
 
 
@@ -355,3 +355,16 @@ def test_cli_help_lists_every_preset(capsys) -> None:
         build_parser().parse_args(["profile", "--help"])
     help_text = capsys.readouterr().out
     assert all(name in help_text for name in PRESETS)
+
+
+def test_live_bytes_count_new_dense_storages_once_and_skip_sparse_results() -> None:
+    """Views share their storage's bytes; sparse results (no single storage) are skipped, not an error."""
+    weight = torch.ones(4, 4)  # made before the mode: never counted
+    with LiveBytesTracker() as tracker:
+        made = weight * 2  # 64 bytes
+        view = made[:2]  # a view of the same storage: no new bytes
+        sparse = torch.eye(3).to_sparse()  # eye: 36 dense bytes, freed; the sparse result skipped
+        again = weight.t()  # a view of a storage made before the mode
+        assert tracker.live == 64  # the temporary eye was released when collected
+    assert tracker.peak == 64 + 36
+    assert sparse.is_sparse and view.shape == (2, 4) and again.shape == (4, 4)
