@@ -27,10 +27,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from tokencompress import LDP, SAP, AvgPool, EmbQ, LDPv2, PixelShuffle
 from tokencompress.base import Grid
+from tokencompress.mac_count import count_macs
 
 __all__ = [
     "Workload",
@@ -156,14 +156,12 @@ def build_cases(
 
 # -- measurements -----------------------------------------------------------------------
 def count_multiply_adds(case: Case) -> int:
-    """Multiply-adds of one forward: `FlopCounterMode`'s total / 2.
+    """Multiply-adds of one forward, by `tokencompress.mac_count`'s formulas.
 
-    FlopCounterMode counts matmuls, convolutions and attention; elementwise ops,
-    softmaxes, norms and pooling are not counted (they are memory-bound, and small).
+    Matmuls, convolutions and attention are counted; elementwise ops, softmaxes, norms
+    and pooling are not (they are memory-bound, and small).
     """
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        case()
-    return counter.get_total_flops() // 2
+    return count_macs(case)[1]
 
 
 def multiply_add_table(workloads: Sequence[Workload] = (PAPER, CLIP_336)) -> str:
@@ -407,8 +405,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- time: median of {settings['repeats']} calls after {settings['warmup']} warm-up calls "
             "(time.perf_counter); forward under inference_mode; modules in eval mode",
             f"- peak memory: {report['memory_method']}; weights and inputs not counted",
-            "- multiply-adds: one forward of the whole batch, torch.utils.flop_counter.FlopCounterMode "
-            "total / 2 (it counts matmuls, convs and attention)",
+            "- multiply-adds: one forward of the whole batch, tokencompress.mac_count "
+            "(matmuls, convs and attention, by formula)",
             "",
             _markdown_table(header, rows),
             "",

@@ -45,6 +45,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.compressors import timed_seconds
 from tokencompress import LDPv2, SAP, AvgPool, EmbQ, PixelShuffle, TokenCompressor
+from tokencompress.mac_count import count_macs
 from tokencompress.profile import EmbQSpec, ProfileSpec, build_projector, profile_model
 from tokencompress.profile_presets import phi_2, siglip_so400m_384
 
@@ -488,19 +489,16 @@ def _multiply_adds(
     """First-round multiply-adds and parameters from `tokencompress.profile` (meta device).
 
     Should the profiler fail, the multiply-adds are counted on one real first-token call
-    instead (`FlopCounterMode`), and the JSON says so.
+    instead (`tokencompress.mac_count`), and the JSON says so.
     """
     try:
         result = profile_model(profile_spec(variant, sizes, dtype))
     except Exception as error:  # noqa: BLE001 - any failure: count on the real model
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            _generate(model, inputs, 1)
+        _, macs = count_macs(_generate, model, inputs, 1)
         return {
             "params": None,
-            "multiply_adds": counter.get_total_flops() // 2,
-            "multiply_adds_source": f"FlopCounterMode on one real call (tokencompress.profile failed: {error!r})",
+            "multiply_adds": macs,
+            "multiply_adds_source": f"mac_count on one real call (tokencompress.profile failed: {error!r})",
         }
     if result.tokens != variant.tokens(sizes) or result.llm_tokens != prompt_tokens:
         raise RuntimeError(

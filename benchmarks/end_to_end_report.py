@@ -97,7 +97,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "tokens: visual + query tokens (the paper's token number); prompt: the LLM's prefill length. "
         "GMACs: first-round multiply-adds from `tokencompress.profile` (* where it failed: counted "
-        "with `FlopCounterMode` on one real first-token call; the JSON has the error). Decode: tokens/s after the "
+        "with `tokencompress.mac_count` on one real first-token call; the JSON has the error). "
+        "Decode: tokens/s after the "
         f"first of {settings['decode_tokens']}, batch 1. Batch: prompts per second through the first "
         f"token, {settings['batch_size']} at a time. Peak memory: {settings['memory_method']}. "
         "Shares: part time / first-token time of the same run, median.",

@@ -11,8 +11,9 @@ the `meta` device and run once (`profile_meter.measure`), so full-size models co
 and no weights.
 
 Conventions (see `docs/benchmarks.md`):
-- Multiply-adds (MACs) = `FlopCounterMode`'s flops / 2; matmuls, convolutions and
-  attention only. Attention is counted over the full L x L square.
+- Multiply-adds (MACs) by `mac_count.MacCounter`'s formulas, the same on every torch
+  version: matmuls, convolutions and attention only. Attention is counted over the full
+  L x L square.
 - Only what runs is counted: a vision encoder read at its penultimate layer runs that many
   layers; its last layer, post-layernorm and pooling head are neither run nor counted (nor
   counted as weights: a deployment that loads them holds tens of MB more).
@@ -41,6 +42,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, DynamicCache
 from transformers import PretrainedConfig, SiglipVisionConfig, SiglipVisionModel
 
+from .hf_compat import cache_argument
 from .profile_meter import measure
 
 __all__ = [
@@ -476,7 +478,7 @@ def _profile_llm(spec: ProfileSpec, sequence: int) -> list[PartProfile]:
     # Prefill with a cache, as `generate` does; it also keeps transformers from inspecting
     # position ids for packed sequences, which needs real values.
     cache = DynamicCache(config=config)
-    hidden, cost = measure(decoder, inputs_embeds=embeds, use_cache=True, past_key_values=cache)
+    hidden, cost = measure(decoder, inputs_embeds=embeds, use_cache=True, **cache_argument(cache))
     kv_bytes = kv_cache_bytes(config, sequence, spec.dtype)
     decoder_params = _count_params([decoder])
     # The cache grows layer by layer and is whole at the last layer, where the working set

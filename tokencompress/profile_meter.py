@@ -3,11 +3,11 @@
 Nothing is computed on a `meta` tensor, only shapes, so a full-size model runs in seconds
 and needs no weights. Two things are read off the pass:
 
-- multiply-adds: `torch.utils.flop_counter.FlopCounterMode` counts matmuls, convolutions
-  and attention as 2 flops per multiply-add; we report its count / 2. Element-wise work
-  (norms, activations, softmax, residual adds) is not counted, as in the papers we compare
-  with. Attention is counted over the full query x key square, causal or not: a dense
-  kernel does that work, a causal flash kernel skips about half of the scores.
+- multiply-adds: `mac_count.MacCounter` counts matmuls, convolutions and attention by its
+  own formulas, so the count does not depend on which kernels the installed torch picks.
+  Element-wise work (norms, activations, softmax, residual adds) is not counted, as in the
+  papers we compare with. Attention is counted over the full query x key square, causal
+  or not: a dense kernel does that work, a causal flash kernel skips about half.
 - peak activation bytes: the most bytes of tensors created during the pass that are alive
   at once (the pass's inputs included, weights excluded), tracked per storage so that views
   are not counted twice. On `meta`, PyTorch's SDPA falls back to the math path that
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+
+from .mac_count import MacCounter
 
 __all__ = ["Measurement", "LiveBytesTracker", "FusedAttentionOnMeta", "measure"]
 
@@ -107,9 +108,9 @@ class FusedAttentionOnMeta(TorchFunctionMode):
     """Run `F.scaled_dot_product_attention` on `meta` as the fused flash kernel would.
 
     Only the shapes matter on `meta`: the flash kernel's meta function returns the output
-    (and a small log-sum-exp) without the score matrix, and `FlopCounterMode` counts it
-    exactly like the math path. Other devices, and shapes the flash kernel does not take,
-    are left alone.
+    (and a small log-sum-exp) without the score matrix. Multiply-adds are counted at the
+    attention call (`MacCounter`), whichever kernel runs. Other devices, and shapes the
+    flash kernel does not take, are left alone.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -164,9 +165,8 @@ def measure(fn: Callable[..., Any], *inputs: Any, **kwargs: Any) -> tuple[Any, M
     `peak_bytes` includes the storages of the tensors passed in (they are alive for the
     whole pass) and every tensor the pass creates; weights reached through `fn` are not.
     """
-    counter = FlopCounterMode(display=False)
     tracker = LiveBytesTracker(baseline_bytes=_storage_bytes((inputs, kwargs)))
-    with torch.no_grad(), FusedAttentionOnMeta(), counter, tracker:
+    # The counter goes in after the rerouting mode, so it sees each attention call first.
+    with torch.no_grad(), FusedAttentionOnMeta(), MacCounter() as counter, tracker:
         out = fn(*inputs, **kwargs)
-    # FlopCounterMode counts a multiply-add as 2 flops; every formula it uses is even.
-    return out, Measurement(macs=counter.get_total_flops() // 2, peak_bytes=tracker.peak)
+    return out, Measurement(macs=counter.macs, peak_bytes=tracker.peak)

@@ -113,6 +113,24 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- wrapping
 
 
+def fsdp_unsupported_reason() -> str | None:
+    """Why this torch cannot run the recipe's FSDP2 training, or None if it can.
+
+    Ranks whose micro-batches leave EmbQ (no query block) or the vision path (text only)
+    without gradient must still reduce those parameters, or the ranks' collectives stop
+    matching; FSDP2 does that with `set_reduce_scatter_unused_params`, new in torch 2.13.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if hasattr(FSDPModule, "set_reduce_scatter_unused_params"):
+        return None
+    return (
+        f"training.parallelism='fsdp' needs torch>=2.13 (FSDP2's set_reduce_scatter_unused_params, "
+        f"which keeps ranks in step when a batch leaves EmbQ or the vision path without gradient); "
+        f"torch {torch.__version__} is installed: set training.parallelism=ddp, or upgrade torch"
+    )
+
+
 def wrap_model(
     model: nn.Module, env: DistributedEnv, parallelism: Parallelism, *, shard_units: Iterable[nn.Module] = ()
 ) -> nn.Module:
@@ -128,6 +146,8 @@ def wrap_model(
     if not env.is_distributed:
         return model
     if parallelism == "fsdp":
+        if (reason := fsdp_unsupported_reason()) is not None:
+            raise RuntimeError(reason)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -167,7 +167,8 @@ def test_random_scene_is_deterministic_and_valid():
 def test_image_size_is_configurable(tmp_path, size):
     generate_dataset(tmp_path, num_train=2, num_test=1, seed=0, image_size=size, progress=False)
     for path in (tmp_path / "images").iterdir():
-        assert Image.open(path).size == (size, size)
+        with Image.open(path) as image:
+            assert image.size == (size, size)
 
 
 @pytest.mark.parametrize(

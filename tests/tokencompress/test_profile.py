@@ -12,6 +12,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, PhiConfig, SiglipVisionC
 
 from tokencompress import SAP, EmbQ
 from tokencompress.cli import build_parser, main
+from tokencompress.hf_compat import cache_argument
 from tokencompress.profile import (
     EmbQSpec,
     ProfileResult,
@@ -245,7 +246,7 @@ def test_kv_cache_formula_equals_what_the_hf_cache_holds() -> None:
     cache = DynamicCache(config=config)
     embeds = torch.empty(1, 11, 64, device="meta", dtype=torch.bfloat16)
     with torch.no_grad():
-        model.base_model(inputs_embeds=embeds, use_cache=True, past_key_values=cache)
+        model.base_model(inputs_embeds=embeds, use_cache=True, **cache_argument(cache))
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert held == kv_cache_bytes(config, 11, torch.bfloat16) == 2 * 2 * 2 * 8 * 11 * 2
 
