@@ -30,8 +30,6 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing
-import os
-import platform
 import shlex
 import shutil
 import sys
@@ -52,6 +50,7 @@ from recipes.flashsloth.metric_log import read_metric_log
 from recipes.flashsloth.model import FlashSloth
 from recipes.flashsloth.synthetic import generate_dataset
 from recipes.flashsloth.train import LOG_FILE, MODEL_DIR, FlashSlothRecipe
+from tokencompress.environment import describe_environment
 
 __all__ = ["FULL", "QUICK", "VARIANTS", "Settings", "Variant", "main", "run_ablation", "run_one"]
 
@@ -266,14 +265,8 @@ def _results(
 
 
 def _machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-    }
+    """Versions, machine and device (the ablation trains on the CPU)."""
+    return describe_environment("cpu")
 
 
 def run_ablation(

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokencompress.environment import environment_line
+
 __all__ = ["CONTRASTS", "paired_differences", "render_markdown", "plot", "summarize", "write_report"]
 
 # The paper's claims as paired (same seed) differences: (better?, than, what it tests).
@@ -150,7 +152,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         for r in report["runs"]
     ])
     load = machine.get("load_average_1_5_15_min")
-    lines += ["", f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
+    lines += ["", f"Machine: {environment_line(machine)}; "
                   f"load average (1/5/15 min) {load} before, {machine.get('load_average_after')} after."]
     return "\n".join(lines) + "\n"
 

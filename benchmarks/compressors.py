@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +28,7 @@ from torch import nn
 
 from tokencompress import LDP, SAP, AvgPool, EmbQ, LDPv2, PixelShuffle
 from tokencompress.base import Grid
+from tokencompress.environment import describe_environment, environment_line
 from tokencompress.mac_count import count_macs
 
 __all__ = [
@@ -320,28 +319,8 @@ class _WindowLoop(nn.Module):
 
 # -- report -----------------------------------------------------------------------------
 def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """Versions, machine and device of this run (`tokencompress.environment`)."""
+    return describe_environment(device)
 
 
 def _ms(seconds: list[float]) -> float:
@@ -398,7 +377,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
             f"{machine['torch_threads']} torch threads, device {machine['device']}"
             + (f" ({machine['gpu']})" if "gpu" in machine else ""),
-            f"- torch {machine['torch']}, Python {machine['python']}",
+            f"- versions: {environment_line(machine)}",
             f"- workload: B={settings['batch']}, grid {settings['grid'][0]}x{settings['grid'][1]}, vision width "
             f"{settings['vision_dim']}, LLM width {settings['llm_dim']}, {settings['dtype']}; EmbQ: "
             f"{settings['num_queries']} queries, {settings['text_tokens']} text tokens",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.compressors import timed_seconds
 from tokencompress import LDPv2, SAP, AvgPool, EmbQ, PixelShuffle, TokenCompressor
+from tokencompress.environment import describe_environment
 from tokencompress.mac_count import count_macs
 from tokencompress.profile import EmbQSpec, ProfileSpec, build_projector, profile_model
 from tokencompress.profile_presets import phi_2, siglip_so400m_384
@@ -578,22 +578,12 @@ def summarize(variant: Variant, sizes: Sizes, rounds: _Rounds, once: dict[str, A
 
 # -- the whole run --------------------------------------------------------------------------
 def machine_and_versions(device: torch.device) -> dict[str, Any]:
-    """Where the figures come from: CPU model, cores, threads, GPU, load, versions."""
-    import transformers
-
-    import tokencompress
-    from benchmarks.compressors import machine_info
-
-    info = machine_info(device)
-    info["transformers"] = transformers.__version__
-    info["tokencompress"] = tokencompress.__version__
-    info["load_average_1_5_15_min"] = _load_average()
-    return info
+    """Where the figures come from: versions, CPU model, cores, threads, GPU, load."""
+    return describe_environment(device)
 
 
 def _load_average() -> list[float] | None:
-    """1/5/15-minute load averages: on a shared machine, how busy it was around the run."""
-    return [round(load, 2) for load in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return describe_environment()["load_average_1_5_15_min"]
 
 
 def _attention_implementation(requested: str, device: torch.device) -> str:

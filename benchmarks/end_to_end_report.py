@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tokencompress.environment import environment_line
+
 __all__ = ["render_markdown", "plot", "write_report"]
 
 GIB = 2**30
@@ -37,6 +39,18 @@ def _gmacs(variant: dict[str, Any]) -> str:
     return f"{variant['multiply_adds'] / 1e9:,.1f}" + (" *" if counted_here else "")
 
 
+def _speed_up(baseline: dict[str, Any] | None, variant: dict[str, Any]) -> str:
+    if baseline is None:
+        return ""
+    return f"{baseline['first_token_s']['median'] / variant['first_token_s']['median']:.2f}x"
+
+
+def _macs_ratio(baseline: dict[str, Any] | None, variant: dict[str, Any]) -> str:
+    if baseline is None or not baseline.get("multiply_adds") or not variant.get("multiply_adds"):
+        return ""
+    return f"{baseline['multiply_adds'] / variant['multiply_adds']:.2f}x"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -44,12 +58,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _machine_line(report: dict[str, Any]) -> str:
     machine, settings = report["machine"], report["settings"]
-    where = machine.get("gpu") or f"{machine['cpu']} ({machine['logical_cores']} logical cores)"
     start, end = machine.get("load_average_at_start"), machine.get("load_average_1_5_15_min")
     return (
-        f"Machine: {where}, {settings['threads']} torch threads"
+        f"Machine: {environment_line(machine)}; {settings['threads']} torch threads"
         + (f", 1-min load average {start[0]:.2f} at the start and {end[0]:.2f} at the end" if start and end else "")
-        + f"; torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}."
+        + "."
     )
 
 
@@ -76,15 +89,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     header = [
-        "variant", "tokens", "prompt", "GMACs", "first token (ms)", "vs baseline", "decode (tok/s)",
+        "variant", "tokens", "prompt", "GMACs", "first token (ms)", "speed-up", "MACs ratio", "decode (tok/s)",
         f"batch {settings['batch_size']} (samples/s)", "peak memory (GiB)", "compressor share", "EmbQ share",
     ]
     rows = []
     for v in variants:
-        ratio = "" if baseline is None else f"{v['first_token_s']['median'] / baseline['first_token_s']['median']:.2f}x"
         rows.append([
             v["name"], str(v["tokens"]), str(v["prompt_tokens"]), _gmacs(v),
-            _ms(v["first_token_s"]), ratio, _rate(v["decode_tokens_per_s"]), _rate(v["batch_samples_per_s"]),
+            _ms(v["first_token_s"]), _speed_up(baseline, v), _macs_ratio(baseline, v),
+            _rate(v["decode_tokens_per_s"]), _rate(v["batch_samples_per_s"]),
             f"{v['peak_bytes'] / GIB:.2f}", _share(v, "compressor"), _share(v, "EmbQ"),
         ])
     lines += _table(header, rows)
@@ -101,7 +114,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Decode: tokens/s after the "
         f"first of {settings['decode_tokens']}, batch 1. Batch: prompts per second through the first "
         f"token, {settings['batch_size']} at a time. Peak memory: {settings['memory_method']}. "
-        "Shares: part time / first-token time of the same run, median.",
+        "Shares: part time / first-token time of the same run, median. Speed-up: the baseline's "
+        "median first-token time over the variant's; MACs ratio: the baseline's multiply-adds over "
+        "the variant's.",
         "",
     ]
     return "\n".join(lines)

@@ -89,8 +89,11 @@ def _run_profile(args: argparse.Namespace) -> int:
     if len(results) > 1:
         print(compare_markdown(results, paper))
     if args.json is not None:
+        from .environment import describe_environment
+
         payload = {
             "command": "tokencompress " + " ".join(args.argv),
+            "machine": describe_environment("meta"),  # counted on meta: versions matter, not speed
             "results": [
                 {**result.to_dict(), "paper": dataclasses.asdict(PAPER_TFLOPS[result.name])}
                 if result.name in PAPER_TFLOPS else result.to_dict()

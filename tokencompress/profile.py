@@ -234,6 +234,13 @@ class ProfileResult:
         }
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProfileResult":
+        """The result `to_dict` wrote (its totals are recomputed, not read)."""
+        fields = {field.name for field in dataclasses.fields(cls)} - {"parts"}
+        parts = tuple(PartProfile(**part) for part in data["parts"])
+        return cls(**{name: data[name] for name in fields}, parts=parts)
+
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 

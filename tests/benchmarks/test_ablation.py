@@ -14,6 +14,7 @@ pytest.importorskip("tqdm")
 from benchmarks import ablation  # noqa: E402
 from benchmarks.ablation import DEFAULT_VARIANTS, QUICK, VARIANTS  # noqa: E402
 from benchmarks.ablation_report import paired_differences, render_markdown, summarize  # noqa: E402
+from tokencompress.environment import describe_environment  # noqa: E402
 
 TOKENS = {"none": (81, 81), "avgpool": (9, 9), "sap": (9, 9), "sap_embq3": (9, 12), "sap_embq9": (9, 18)}
 
@@ -65,7 +66,7 @@ def _fake_report() -> dict[str, Any]:
             for (v, s), a in accuracy.items()]
     return {"command": "python -m benchmarks.ablation", "settings": vars(QUICK) | {}, "seeds": [0, 1],
             "variants": [vars(VARIANTS["avgpool"]), vars(VARIANTS["sap"])], "jobs": 1, "threads": 1,
-            "wall_seconds": 1.0, "machine": {"processor": "x", "cpu_count": 2, "torch": "t"}, "runs": runs}
+            "wall_seconds": 1.0, "machine": describe_environment("cpu"), "runs": runs}
 
 
 def test_summary_and_paired_differences() -> None:
