@@ -44,7 +44,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.compressors import timed_seconds
 from tokencompress import LDPv2, SAP, AvgPool, EmbQ, PixelShuffle, TokenCompressor
-from tokencompress.environment import describe_environment
+from tokencompress.environment import describe_environment, load_average
 from tokencompress.mac_count import count_macs
 from tokencompress.profile import EmbQSpec, ProfileSpec, build_projector, profile_model
 from tokencompress.profile_presets import phi_2, siglip_so400m_384
@@ -582,10 +582,6 @@ def machine_and_versions(device: torch.device) -> dict[str, Any]:
     return describe_environment(device)
 
 
-def _load_average() -> list[float] | None:
-    return describe_environment()["load_average_1_5_15_min"]
-
-
 def _attention_implementation(requested: str, device: torch.device) -> str:
     if requested != "auto":
         return requested
@@ -700,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     attn_implementation = _attention_implementation(args.attn, device)
     variants = [v for v in VARIANTS if args.variants is None or v.name in args.variants]
-    load_at_start = _load_average()
+    load_at_start = load_average()
     started = time.perf_counter()
     results = run(sizes, settings, attn_implementation, variants)
     report = {

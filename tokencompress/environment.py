@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["describe_environment", "environment_line", "cpu_model"]
+__all__ = ["describe_environment", "environment_line", "load_average", "cpu_model"]
 
 
 def describe_environment(device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -32,9 +32,13 @@ def describe_environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    # On a shared machine, how busy it was (1/5/15-minute load averages) around the run.
-    info["load_average_1_5_15_min"] = [round(load, 2) for load in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    info["load_average_1_5_15_min"] = load_average()
     return info
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: on a shared machine, how busy it was around a run."""
+    return [round(load, 2) for load in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def cpu_model() -> str:

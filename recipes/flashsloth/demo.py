@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from tokencompress.environment import describe_environment
+
 from .config import load_config
 from .metric_log import read_metric_log
 from .synthetic import generate_dataset
@@ -117,6 +119,7 @@ def run_demo(
         print(f"  Q: {example['question']}\n     model: {example['answer']!r}   reference: {example['reference']!r}")
 
     summary = {
+        "machine": describe_environment("cpu"),  # the figures depend on the torch version
         "quick": quick,
         "sizes": asdict(sizes),
         "seconds": round(time.perf_counter() - started, 1),

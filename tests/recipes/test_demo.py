@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from recipes.flashsloth.demo import DemoSizes, main, run_demo
 from recipes.flashsloth.model import FlashSloth
@@ -22,6 +23,7 @@ def test_quick_demo_trains_both_stages_and_reports_accuracy(tmp_path: Path, caps
     assert summary["eval"]["num_samples"] == 16
     assert 0.0 <= summary["eval"]["accuracy"] <= 1.0 and 0.0 < summary["eval"]["chance"] < 1.0
     assert len(summary["eval"]["examples"]) == 5
+    assert summary["machine"]["torch"] == torch.__version__ and summary["machine"]["device"] == "cpu"
     model = FlashSloth.from_pretrained(tmp_path / "stage2" / "model")
     assert model.num_image_tokens == 9 and len(model.query_token_ids) == 9
 
