@@ -9,7 +9,6 @@ by `image_grid_thw` rows (t, h, w) in patches, and the tower outputs one merged 
 
 from __future__ import annotations
 
-from typing import Any
 
 from torch import nn
 from transformers import (
@@ -19,7 +18,7 @@ from transformers import (
     Qwen2VLModel,
 )
 
-__all__ = ["QWEN2_VL_CORES", "is_qwen2_vl", "qwen2_vl_core", "merge_size", "merged_dim", "text_dim"]
+__all__ = ["QWEN2_VL_CORES", "QWEN2_VL_CLASSES", "qwen2_vl_core", "merge_size", "merged_dim", "text_dim"]
 
 #: The multimodal cores (the models without an LM head) of the supported families.
 QWEN2_VL_CORES: tuple[type[nn.Module], ...] = (Qwen2VLModel, Qwen2_5_VLModel)
@@ -29,9 +28,8 @@ _WITH_LM_HEAD: tuple[type[nn.Module], ...] = (
 )
 
 
-def is_qwen2_vl(model: Any) -> bool:
-    """True for transformers' Qwen2-VL and Qwen2.5-VL models, with or without the LM head."""
-    return isinstance(model, QWEN2_VL_CORES + _WITH_LM_HEAD)
+#: Every class the grafts take: the cores and the models with the LM head.
+QWEN2_VL_CLASSES: tuple[type[nn.Module], ...] = QWEN2_VL_CORES + _WITH_LM_HEAD
 
 
 def qwen2_vl_core(model: nn.Module, caller: str = "this graft") -> nn.Module:

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["BaseLayerWrapper", "WrappedSubmodule", "refuse_other_wrappers"]
+__all__ = ["BaseLayerWrapper", "WrappedSubmodule", "match_wrapped", "refuse_other_wrappers"]
 
 
 class BaseLayerWrapper(nn.Module):
@@ -125,3 +125,16 @@ def refuse_other_wrappers(model: nn.Module) -> None:
             "save it with tokencompress.adapters.save_grafted(model, folder, *grafts), which "
             "lifts them all"
         )
+
+
+def match_wrapped(module: nn.Module | None, like: nn.Module) -> None:
+    """Move `module` to `like`'s device and dtype, and give it `like`'s train/eval mode."""
+    if module is None:
+        return
+    # A new module is in training mode; grafted into a model in eval mode, its dropout
+    # would make inference random. It follows the model's mode from then on.
+    module.train(like.training)
+    reference = next(like.parameters(), None)
+    if reference is not None:
+        # As peft does for its layers: the new weights live where the wrapped ones do.
+        module.to(device=reference.device, dtype=reference.dtype)

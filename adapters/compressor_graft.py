@@ -22,14 +22,21 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
+from transformers import LlavaModel, LlavaProcessor
 
 from tokencompress.base import Grid, TokenCompressor, as_grid
 
+from ._compressor_files import compressor_fields, write_files
 from ._image_tokens import processor_image_token_count, set_processor_image_token_count
-from ._wrap import WrappedSubmodule, refuse_other_wrappers
+from ._llava_parts import llava_core, projector_path, projector_widths, vision_grid
+from ._wrap import WrappedSubmodule, match_wrapped, refuse_other_wrappers
 
-__all__ = ["CompressedProjector", "CompressorGraft", "Placement", "graft_compressor"]
+__all__ = ["CompressedProjector", "CompressorGraft", "Placement", "RECORD_FORMAT", "RECORD_VERSION",
+           "graft_llava_compressor", "save_compressor_graft"]
+
+#: The record format of a LLaVA compressor graft (`_compressor_files`), and its version.
+RECORD_FORMAT = "tokencompress.compressor_graft"
+RECORD_VERSION = 1
 
 Placement = Literal["auto", "before_projector", "replace_projector"]
 _PLACEMENTS = ("auto", "before_projector", "replace_projector")
@@ -84,36 +91,6 @@ class CompressedProjector(nn.Module):
         return f"grid={self.grid}, placement={self.placement!r}"
 
 
-def _llava_parts(model: nn.Module) -> tuple[LlavaModel, str]:
-    """The `LlavaModel` inside `model` and the path of its projector from `model`."""
-    if isinstance(model, LlavaForConditionalGeneration):
-        return model.model, "model.multi_modal_projector"
-    if isinstance(model, LlavaModel):
-        return model, "multi_modal_projector"
-    raise TypeError(
-        "graft_compressor supports transformers' LlavaForConditionalGeneration and LlavaModel "
-        f"(model_type 'llava'), got {type(model).__name__}"
-    )
-
-
-def _vision_grid(config: Any) -> Grid:
-    vision = config.vision_config
-    image_size, patch_size = vision.image_size, vision.patch_size
-    if not isinstance(image_size, int) or not isinstance(patch_size, int):
-        raise ValueError(
-            "graft_compressor needs an int vision_config.image_size and patch_size, got "
-            f"image_size={image_size!r}, patch_size={patch_size!r}"
-        )
-    return image_size // patch_size, image_size // patch_size
-
-
-def _projector_widths(config: Any) -> tuple[int, int]:
-    """(input, output) widths of LLaVA's projector, as `LlavaMultiModalProjector` sizes them."""
-    layers = config.vision_feature_layer
-    num_layers = 1 if isinstance(layers, int) else len(layers)
-    return config.vision_config.hidden_size * num_layers, config.text_config.hidden_size
-
-
 def _resolve_placement(
     placement: str, compressed_dim: int, vision_dim: int, text_dim: int, new_projector: bool
 ) -> Literal["before_projector", "replace_projector"]:
@@ -139,19 +116,6 @@ def _resolve_placement(
         f"projector after the compressor, or use a compressor that keeps width {vision_dim} "
         f"or outputs width {text_dim} (which then replaces the projector)"
     )
-
-
-def _match_wrapped(module: nn.Module | None, like: nn.Module) -> None:
-    """Move `module` to `like`'s device and dtype, and give it `like`'s train/eval mode."""
-    if module is None:
-        return
-    # A new module is in training mode; grafted into a model in eval mode, its dropout
-    # would make inference random. It follows the model's mode from then on.
-    module.train(like.training)
-    reference = next(like.parameters(), None)
-    if reference is not None:
-        # As peft does for its layers: the new weights live where the wrapped ones do.
-        module.to(device=reference.device, dtype=reference.dtype)
 
 
 class CompressorGraft:
@@ -266,8 +230,6 @@ class CompressorGraft:
         the same reason this refuses (RuntimeError) while another graft is in the model:
         save a model with several grafts with `save_grafted(model, folder, *grafts)`.
         """
-        from .compressor_graft_io import save_compressor_graft
-
         if not save_base_model:
             save_compressor_graft(self, folder)
             return
@@ -330,15 +292,16 @@ class _PlaceholderCheck:
             )
 
 
-def graft_compressor(
-    model: LlavaForConditionalGeneration | LlavaModel,
+def graft_llava_compressor(
+    model: nn.Module,
     compressor: TokenCompressor,
     *,
     processor: LlavaProcessor | None = None,
     placement: Placement = "auto",
     projector: nn.Module | None = None,
 ) -> CompressorGraft:
-    """Run `compressor` on each image's selected vision features, before the projector.
+    """`graft_compressor` for LLaVA: run `compressor` on each image's selected vision
+    features, before the projector.
 
     Args:
         model: a transformers LLaVA model (`LlavaForConditionalGeneration` or `LlavaModel`).
@@ -357,24 +320,15 @@ def graft_compressor(
 
     Returns:
         a `CompressorGraft`: `remove()` undoes everything; `save_pretrained(folder)` saves it.
-        (Qwen2-VL and Qwen2.5-VL: a `Qwen2VLCompressorGraft`, see `graft_qwen2_vl_compressor`.)
     """
-    from ._qwen2_vl_parts import is_qwen2_vl
-
-    if is_qwen2_vl(model):
-        from .qwen2_vl import graft_qwen2_vl_compressor  # imported here: qwen2_vl imports this module
-
-        return graft_qwen2_vl_compressor(
-            model, compressor, processor=processor, placement=placement, projector=projector
-        )
-    llava, path = _llava_parts(model)
+    llava, path = llava_core(model, "graft_compressor"), projector_path(model)
     if isinstance(model.get_submodule(path), CompressedProjector):
         raise ValueError("this model already has a grafted compressor; remove() that graft first")
     if not isinstance(compressor, TokenCompressor):
         raise TypeError(f"compressor must be a TokenCompressor, got {type(compressor).__name__}")
     config = llava.config
-    grid = _vision_grid(config)
-    vision_dim, text_dim = _projector_widths(config)
+    grid = vision_grid(config)
+    vision_dim, text_dim = projector_widths(config)
     try:
         compressor.check_dim(vision_dim)
         compressed_dim = compressor.out_dim(vision_dim)
@@ -398,8 +352,8 @@ def graft_compressor(
             )
 
     base_projector = model.get_submodule(path)
-    _match_wrapped(compressor, base_projector)
-    _match_wrapped(projector, base_projector)
+    match_wrapped(compressor, base_projector)
+    match_wrapped(projector, base_projector)
     wrapped = WrappedSubmodule.install(
         model,
         path,
@@ -414,3 +368,20 @@ def graft_compressor(
         graft.remove()  # all or nothing: no half-grafted model
         raise
     return graft
+
+
+def save_compressor_graft(graft: CompressorGraft, folder: str | Path) -> None:
+    """Write `graft`'s settings and weights to `folder` (created if needed)."""
+    vision_dim, text_dim = projector_widths(graft._config)
+    record = {
+        "format": RECORD_FORMAT,
+        "format_version": RECORD_VERSION,
+        **compressor_fields(graft.compressor, graft.grid, vision_dim),
+        "placement": graft.placement,
+        "new_projector": graft.projector is not None,
+        "grid": list(graft.grid),
+        "vision_dim": vision_dim,
+        "text_dim": text_dim,
+        "num_image_tokens": graft.num_image_tokens,
+    }
+    write_files(graft, folder, record)

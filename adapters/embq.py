@@ -39,16 +39,17 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers import LlavaModel
 
+from ._embq_files import save_embq_graft
 from ._embq_hooks import CallRouter
 from ._embq_layers import EmbQDecoderLayer, QueryEmbedding
 from ._image_tokens import processor_image_token_count
+from ._llava_parts import llava_core, projector_widths
 from ._wrap import WrappedSubmodule, refuse_other_wrappers
-from .compressor_graft import _projector_widths
 from .prompt import INSTRUCTION_MAP_KEY, EncodedPrompt, build_prompt
 
-__all__ = ["EmbQGraft", "graft_embq", "DEFAULT_QUERY_TOKEN"]
+__all__ = ["EmbQGraft", "graft_llava_embq", "graft_embq_onto", "DEFAULT_QUERY_TOKEN"]
 
 #: Query token i is DEFAULT_QUERY_TOKEN.format(i) unless `query_tokens` names them.
 DEFAULT_QUERY_TOKEN = "<query_{}>"
@@ -193,8 +194,6 @@ class EmbQGraft:
         That refuses (RuntimeError) while another graft is in the model: save a model
         with several grafts with `save_grafted(model, folder, *grafts)`.
         """
-        from .embq_io import save_embq_graft
-
         if not save_base_model:
             save_embq_graft(self, folder)
             return
@@ -207,17 +206,6 @@ class EmbQGraft:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"EmbQGraft(layer={self.layer}, num_queries={self.num_queries}, {state})"
-
-
-def _llava_core(model: nn.Module) -> LlavaModel:
-    if isinstance(model, LlavaForConditionalGeneration):
-        return model.model
-    if isinstance(model, LlavaModel):
-        return model
-    raise TypeError(
-        "graft_embq supports transformers' LlavaForConditionalGeneration and LlavaModel "
-        f"(model_type 'llava'), got {type(model).__name__}"
-    )
 
 
 def _path_of(root: nn.Module, target: nn.Module) -> str:
@@ -255,8 +243,8 @@ def _resolve_dot(tokenizer: Any, dot_token: str, dot_token_id: int | None) -> in
     raise ValueError(f"{dot_token!r} is not one token for this tokenizer ({ids}); pass dot_token_id=")
 
 
-def graft_embq(
-    model: LlavaForConditionalGeneration | LlavaModel,
+def graft_llava_embq(
+    model: nn.Module,
     embq: nn.Module,
     *,
     layer: int,
@@ -266,11 +254,11 @@ def graft_embq(
     dot_token: str = ".",
     dot_token_id: int | None = None,
 ) -> EmbQGraft:
-    """Add `num_queries` query tokens and run `embq` on them before decoder layer `layer`.
+    """`graft_embq` for LLaVA: add `num_queries` query tokens and run `embq` on them
+    before decoder layer `layer`.
 
     Args:
-        model: a transformers LLaVA model (`LlavaForConditionalGeneration` or `LlavaModel`);
-            Qwen2-VL and Qwen2.5-VL go to `graft_qwen2_vl_embq`.
+        model: a transformers LLaVA model (`LlavaForConditionalGeneration` or `LlavaModel`).
         embq: a `tokencompress.EmbQ` (text_dim = the LLM's width, vision_dim = the
             selected vision features' width); moved to the embedding's device and dtype.
         layer: 1-based, as the paper counts: layer=8 applies EmbQ to the input of the 8th
@@ -283,18 +271,9 @@ def graft_embq(
     Returns:
         an `EmbQGraft`: `remove()` undoes it, `save_pretrained(folder)` saves it.
     """
-    from ._qwen2_vl_parts import is_qwen2_vl
-
-    if is_qwen2_vl(model):
-        from .qwen2_vl_embq import graft_qwen2_vl_embq  # imported here: qwen2_vl_embq imports this module
-
-        return graft_qwen2_vl_embq(
-            model, embq, layer=layer, tokenizer=tokenizer, num_queries=num_queries,
-            query_tokens=query_tokens, dot_token=dot_token, dot_token_id=dot_token_id,
-        )
-    llava = _llava_core(model)
-    vision_dim, text_dim = _projector_widths(llava.config)
-    return _graft(
+    llava = llava_core(model, "graft_embq")
+    vision_dim, text_dim = projector_widths(llava.config)
+    return graft_embq_onto(
         EmbQGraft, CallRouter, model, llava, embq,
         text_dim=text_dim, vision_dim=vision_dim,
         vision_input="the width of the selected vision features, before the projector",
@@ -306,7 +285,7 @@ def graft_embq(
 _Graft = TypeVar("_Graft", bound=EmbQGraft)
 
 
-def _graft(
+def graft_embq_onto(
     graft_class: type[_Graft],
     router_class: type[CallRouter],
     model: nn.Module,

@@ -17,54 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from tokencompress import EmbQ
 
-from ._graft_io import check_format_version, read_record, write_record
-from .embq import EmbQGraft, graft_embq
+from ._embq_files import EMBQ_CONFIG_NAME, EMBQ_SIZES, EMBQ_WEIGHTS_NAME, read_record
+from .embq import EmbQGraft
+from .families import family_of
 
-__all__ = ["EMBQ_CONFIG_NAME", "EMBQ_WEIGHTS_NAME", "save_embq_graft", "load_embq_graft"]
-
-EMBQ_CONFIG_NAME = "embq_graft_config.json"
-EMBQ_WEIGHTS_NAME = "embq_graft.safetensors"
-_FORMAT = "tokencompress.embq_graft"
-_FORMAT_VERSION = 1
-_EMBQ_SIZES = ("text_dim", "vision_dim", "inner_dim", "num_heads")
-
-
-def save_embq_graft(graft: EmbQGraft, folder: str | Path) -> None:
-    """Write `graft`'s settings and weights to `folder` (created if needed)."""
-    if not graft.active:
-        raise RuntimeError("this EmbQ graft was removed; there is nothing to save")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    embq = graft.embq
-    record = {
-        "format": _FORMAT,
-        "format_version": _FORMAT_VERSION,
-        "layer": graft.layer,
-        "num_queries": graft.num_queries,
-        "query_tokens": list(graft.query_tokens),
-        "query_token_ids": list(graft.token_ids),
-        "dot_token_id": graft.dot_token_id,
-        "embq_class": f"{type(embq).__module__}.{type(embq).__qualname__}",
-        # Sizes to rebuild a tokencompress EmbQ; another class is rebuilt by the caller.
-        "embq": {name: getattr(embq, name) for name in _EMBQ_SIZES} if type(embq) is EmbQ else None,
-    }
-    write_record(folder / EMBQ_CONFIG_NAME, record)
-    tensors = {f"embq.{name}": value for name, value in embq.state_dict().items()}
-    tensors["query_vectors"] = graft.query_vectors.detach()
-    save_file({name: value.contiguous() for name, value in tensors.items()}, str(folder / EMBQ_WEIGHTS_NAME))
-
-
-def _read_record(folder: Path) -> dict[str, Any]:
-    path = folder / EMBQ_CONFIG_NAME
-    record = read_record(path, f"no EmbQ graft in {folder}: {EMBQ_CONFIG_NAME} is missing")
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not an EmbQ graft config (no 'format': {_FORMAT!r})")
-    return check_format_version(record, path, _FORMAT_VERSION)
+__all__ = ["EMBQ_CONFIG_NAME", "EMBQ_WEIGHTS_NAME", "load_embq_graft"]
 
 
 def load_embq_graft(
@@ -77,14 +39,15 @@ def load_embq_graft(
     for a module class other than `tokencompress.EmbQ` (its weights are loaded into it).
     """
     folder = Path(folder)
-    record = _read_record(folder)
+    graft_embq = family_of(model, "load_embq_graft").graft_embq
+    record = read_record(folder)
     if embq is None:
         if record["embq"] is None:
             raise ValueError(
                 f"the graft in {folder} holds a {record['embq_class']}, which only the caller can "
                 "rebuild; pass embq=<a new instance>"
             )
-        embq = EmbQ(**{name: int(record["embq"][name]) for name in _EMBQ_SIZES})
+        embq = EmbQ(**{name: int(record["embq"][name]) for name in EMBQ_SIZES})
     graft = graft_embq(
         model,
         embq,

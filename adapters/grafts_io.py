@@ -24,17 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
 from ._graft_io import check_format_version, read_record, write_record
 from ._wrap import refuse_other_wrappers
-from .compressor_graft import CompressorGraft
-from .compressor_graft_io import load_compressor_graft
-from .embq import EmbQGraft
 from .embq_io import load_embq_graft
-from .qwen2_vl import Qwen2VLCompressorGraft
+from .families import FAMILIES
+from .grafting import load_compressor_graft
 
 __all__ = ["GRAFTS_NAME", "Graft", "save_grafted", "load_grafted"]
 
@@ -42,12 +40,12 @@ GRAFTS_NAME = "grafts.json"
 _FORMAT = "tokencompress.grafts"
 _FORMAT_VERSION = 1
 
-Graft = Union[CompressorGraft, Qwen2VLCompressorGraft, EmbQGraft]
-#: The name each kind of graft has in grafts.json.
+#: A handle that `graft_compressor` or `graft_embq` returned, of any family.
+Graft = Any
+#: The name each kind of graft has in grafts.json, by the handle classes of every family.
 _KINDS: dict[type, str] = {
-    CompressorGraft: "compressor",
-    Qwen2VLCompressorGraft: "compressor",
-    EmbQGraft: "embq",  # Qwen2VLEmbQGraft is an EmbQGraft
+    **{family.compressor_graft: "compressor" for family in FAMILIES},
+    **{family.embq_graft: "embq" for family in FAMILIES},
 }
 
 
@@ -65,11 +63,9 @@ def _files_to_save_with(grafts: Sequence[Graft]) -> Any | None:
     processor (its counts follow the graft) holding the EmbQ graft's tokenizer (the
     query tokens), or whichever of them there is."""
     processors = [
-        graft.processor
-        for graft in grafts
-        if isinstance(graft, (CompressorGraft, Qwen2VLCompressorGraft)) and graft.processor is not None
+        graft.processor for graft in grafts if _kind(graft) == "compressor" and graft.processor is not None
     ]
-    tokenizers = [graft.tokenizer for graft in grafts if isinstance(graft, EmbQGraft)]
+    tokenizers = [graft.tokenizer for graft in grafts if _kind(graft) == "embq"]
     if processors and tokenizers and getattr(processors[0], "tokenizer", None) is not tokenizers[0]:
         raise ValueError(
             "the compressor graft's processor does not hold the EmbQ graft's tokenizer (the one with the "

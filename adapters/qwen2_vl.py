@@ -43,17 +43,25 @@ from torch.utils.hooks import RemovableHandle
 
 from tokencompress.base import TokenCompressor
 
+from ._compressor_files import compressor_fields, write_files
 from ._instance_override import InstanceOverride
 from ._qwen2_vl_compress import CompressedPatchMerger
 from ._qwen2_vl_grids import merged_grid_thw, token_counts
 from ._qwen2_vl_parts import merge_size, merged_dim, qwen2_vl_core
-from ._wrap import WrappedSubmodule, refuse_other_wrappers
-from .compressor_graft import _match_wrapped
+from ._wrap import WrappedSubmodule, match_wrapped, refuse_other_wrappers
 
-__all__ = ["Qwen2VLCompressorGraft", "graft_qwen2_vl_compressor", "MERGER_PATH"]
+__all__ = ["Qwen2VLCompressorGraft", "graft_qwen2_vl_compressor", "save_qwen2_vl_compressor_graft",
+           "MERGER_PATH", "RECORD_FORMAT", "RECORD_VERSION"]
 
 #: Where the patch merger is, from the core (`Qwen2VLModel` / `Qwen2_5_VLModel`).
 MERGER_PATH = "visual.merger"
+#: The record format of a Qwen2-VL compressor graft (`_compressor_files`), and its version.
+RECORD_FORMAT = "tokencompress.qwen2_vl_compressor_graft"
+RECORD_VERSION = 1
+#: A merged grid every shipped compressor accepts (12 is divisible by 2, 3, 4 and 6): the
+#: compressor has no fixed grid here (every image has its own), so its settings are
+#: checked on this one when written.
+_PROBE_GRID = (12, 12)
 
 
 class _PlaceholderCheck:
@@ -296,8 +304,6 @@ class Qwen2VLCompressorGraft:
         `folder` give this grafted model back. That refuses (RuntimeError) while another
         graft's wrapper is in the model, whose parameter names would be written.
         """
-        from .qwen2_vl_io import save_qwen2_vl_compressor_graft
-
         if not save_base_model:
             save_qwen2_vl_compressor_graft(self, folder)
             return
@@ -403,8 +409,8 @@ def graft_qwen2_vl_compressor(
         _check_processor(processor, core, merge)
 
     base_merger = core.get_submodule(MERGER_PATH)
-    _match_wrapped(compressor, base_merger)
-    _match_wrapped(projector, base_merger)
+    match_wrapped(compressor, base_merger)
+    match_wrapped(projector, base_merger)
     graft = Qwen2VLCompressorGraft(model, core, processor)
     try:
         graft._merger = WrappedSubmodule.install(
@@ -415,3 +421,18 @@ def graft_qwen2_vl_compressor(
         graft._undo()  # all or nothing: no half-grafted model
         raise
     return graft
+
+
+def save_qwen2_vl_compressor_graft(graft: Qwen2VLCompressorGraft, folder: str | Path) -> None:
+    """Write `graft`'s settings and weights to `folder` (created if needed)."""
+    dim = graft.module.dim
+    record = {
+        "format": RECORD_FORMAT,
+        "format_version": RECORD_VERSION,
+        "model_type": graft._core.config.model_type,
+        **compressor_fields(graft.compressor, _PROBE_GRID, dim),
+        "new_projector": graft.projector is not None,
+        "merge_size": graft.merge_size,
+        "dim": dim,
+    }
+    write_files(graft, folder, record)

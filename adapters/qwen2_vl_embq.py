@@ -32,7 +32,7 @@ from torch import nn
 from ._qwen2_vl_embq_hooks import Qwen2VLCallRouter
 from ._qwen2_vl_parts import merged_dim, qwen2_vl_core, text_dim
 from ._qwen2_vl_prompt import expand_image_placeholders
-from .embq import EmbQGraft, _graft
+from .embq import EmbQGraft, graft_embq_onto
 from .prompt import EncodedPrompt, Template, build_prompt, chat_template, pad_prompts
 
 __all__ = ["Qwen2VLEmbQGraft", "graft_qwen2_vl_embq"]
@@ -121,7 +121,7 @@ def graft_qwen2_vl_embq(
     that its prompts and the processor's agree on the query tokens.
     """
     core = qwen2_vl_core(model, "graft_embq")
-    return _graft(
+    return graft_embq_onto(
         Qwen2VLEmbQGraft, Qwen2VLCallRouter, model, core, embq,
         text_dim=text_dim(core), vision_dim=merged_dim(core),
         vision_input="the width of the merged visual tokens, the patch merger's output",

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10, the low end of the supported range
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

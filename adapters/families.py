@@ -1,0 +1,146 @@
+"""The model families the grafts support: one row per family, found from the model.
+
+As peft's per-model target tables: each row says, for the `config.model_type` values of
+one family, where its vision features leave the vision tower, where the projector is,
+how its processor counts and writes image placeholders, how positions are assigned,
+which decoder layers EmbQ can wrap, and which functions graft and load its compressor and
+EmbQ. `graft_compressor`, `graft_embq`, `load_compressor_graft`, `load_embq_graft` and
+`save_grafted` / `load_grafted` (`grafting`, `embq_io`, `grafts_io`) look the family up
+here and know no family themselves.
+
+Adding a family: one module with its compressor graft (and loader) and, if the shared
+EmbQ graft (`embq.graft_embq_onto`) needs a family-specific vision router or prompt, its
+EmbQ graft; then one `Family` row in `FAMILIES`. `docs/adapters.md` walks through it.
+The paths in a row are checked against the grafts by `tests/adapters/test_families.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from ._llava_parts import LLAVA_CLASSES, PROJECTOR_PATH, llava_core
+from ._qwen2_vl_parts import QWEN2_VL_CLASSES, qwen2_vl_core
+from .compressor_graft import CompressorGraft, graft_llava_compressor
+from .compressor_graft_io import load_llava_compressor_graft
+from .embq import EmbQGraft, graft_llava_embq
+from .qwen2_vl import MERGER_PATH, Qwen2VLCompressorGraft, graft_qwen2_vl_compressor
+from .qwen2_vl_embq import Qwen2VLEmbQGraft, graft_qwen2_vl_embq
+from .qwen2_vl_io import load_qwen2_vl_compressor_graft
+
+__all__ = ["Family", "FAMILIES", "family_of", "supported_model_types"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One supported model family: what the grafts need to know of it.
+
+    Attributes:
+        name: for messages and the docs.
+        model_types: the `config.model_type` values it covers.
+        model_classes: the transformers classes it takes (with and without the LM head).
+        core: `core(model, caller)`, the multimodal core (the model without the LM head).
+        vision_features: where the features a compressor and EmbQ read leave the tower.
+        projector: the path, from the core, of the module a compressor graft wraps.
+        placeholders: how the processor counts and writes each image's placeholders.
+        positions: "1-D" (one position per token) or "mRoPE" (3-D rotary: t, h, w).
+        decoder_layers: the path, from the core, of the decoder layers EmbQ can wrap.
+        graft_compressor, load_compressor, graft_embq: the family's graft functions,
+            with the signatures of the public ones.
+        compressor_graft, embq_graft: the handle classes they return.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    model_classes: tuple[type[nn.Module], ...]
+    core: Callable[[nn.Module, str], nn.Module]
+    vision_features: str
+    projector: str
+    placeholders: str
+    positions: Literal["1-D", "mRoPE"]
+    decoder_layers: str
+    graft_compressor: Callable[..., Any]
+    load_compressor: Callable[..., Any]
+    graft_embq: Callable[..., Any]
+    compressor_graft: type
+    embq_graft: type
+
+
+LLAVA = Family(
+    name="LLaVA",
+    model_types=("llava",),
+    model_classes=LLAVA_CLASSES,
+    core=llava_core,
+    vision_features=(
+        "the vision tower's `vision_feature_layer` hidden states, CLS dropped under the 'default' "
+        "strategy: what `get_image_features` hands the projector, (num_images, H*W, C) on one grid"
+    ),
+    projector=PROJECTOR_PATH,
+    placeholders=(
+        "`LlavaProcessor.replace_image_token`: the same count for every image, moved by the "
+        "processor's `num_additional_image_tokens` (and the config's `image_seq_length`)"
+    ),
+    positions="1-D",
+    decoder_layers="language_model.layers",
+    graft_compressor=graft_llava_compressor,
+    load_compressor=load_llava_compressor_graft,
+    graft_embq=graft_llava_embq,
+    compressor_graft=CompressorGraft,
+    embq_graft=EmbQGraft,
+)
+
+QWEN2_VL = Family(
+    name="Qwen2-VL / Qwen2.5-VL",
+    model_types=("qwen2_vl", "qwen2_5_vl"),
+    model_classes=QWEN2_VL_CLASSES,
+    core=qwen2_vl_core,
+    vision_features=(
+        "the patch merger's output: per image t * (h/m) * (w/m) merged tokens of the LLM's width, "
+        "row-major, each image on its own grid (`image_grid_thw`)"
+    ),
+    projector=MERGER_PATH,
+    placeholders=(
+        "the processor's `replace_image_token` writes each image's count from its `image_grid_thw` row; "
+        "`_get_num_multimodal_tokens` answers the same from image sizes"
+    ),
+    positions="mRoPE",
+    decoder_layers="language_model.layers",
+    graft_compressor=graft_qwen2_vl_compressor,
+    load_compressor=load_qwen2_vl_compressor_graft,
+    graft_embq=graft_qwen2_vl_embq,
+    compressor_graft=Qwen2VLCompressorGraft,
+    embq_graft=Qwen2VLEmbQGraft,
+)
+
+#: Every supported family, one row each.
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN2_VL)
+
+
+def supported_model_types() -> list[str]:
+    """The `config.model_type` values some family covers."""
+    return [model_type for family in FAMILIES for model_type in family.model_types]
+
+
+def family_of(model: Any, caller: str) -> Family:
+    """The family of `model` (a transformers model with or without its LM head).
+
+    Raises:
+        TypeError: naming `caller`, the model's class and type, and every supported one.
+    """
+    for family in FAMILIES:
+        if isinstance(model, family.model_classes):
+            return family
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    supported = "; ".join(
+        f"{family.name}: {', '.join(cls.__name__ for cls in family.model_classes)} "
+        f"(model_type {', '.join(repr(t) for t in family.model_types)})"
+        for family in FAMILIES
+    )
+    raise TypeError(
+        f"{caller} supports these models: {supported}; got {type(model).__name__} "
+        f"(model_type {model_type!r})"
+    )
