@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names, from where they are 
     from .embq import EmbQGraft, graft_llava_embq  # noqa: F401
     from .qwen2_vl import Qwen2VLCompressorGraft, graft_qwen2_vl_compressor  # noqa: F401
     from .qwen2_vl_embq import Qwen2VLEmbQGraft, graft_qwen2_vl_embq  # noqa: F401
+    from .llava_next import LlavaNextCompressorGraft, graft_llava_next_compressor  # noqa: F401
 
 #: Public name -> the module of this package that defines it.
 _EXPORTS: dict[str, str] = {
@@ -54,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "graft_qwen2_vl_compressor": "qwen2_vl",
     "Qwen2VLEmbQGraft": "qwen2_vl_embq",
     "graft_qwen2_vl_embq": "qwen2_vl_embq",
+    "LlavaNextCompressorGraft": "llava_next",
+    "graft_llava_next_compressor": "llava_next",
 }
 
 __all__ = list(_EXPORTS)

@@ -32,7 +32,8 @@ from ._llava_parts import llava_core, projector_path, projector_widths, vision_g
 from ._wrap import WrappedSubmodule, match_wrapped, refuse_other_wrappers
 
 __all__ = ["CompressedProjector", "CompressorGraft", "Placement", "RECORD_FORMAT", "RECORD_VERSION",
-           "graft_llava_compressor", "save_compressor_graft"]
+           "graft_llava_compressor", "save_compressor_graft", "projector_graft_record",
+           "check_projector_graft_record", "resolve_placement"]
 
 #: The record format of a LLaVA compressor graft (`_compressor_files`), and its version.
 RECORD_FORMAT = "tokencompress.compressor_graft"
@@ -91,9 +92,12 @@ class CompressedProjector(nn.Module):
         return f"grid={self.grid}, placement={self.placement!r}"
 
 
-def _resolve_placement(
+def resolve_placement(
     placement: str, compressed_dim: int, vision_dim: int, text_dim: int, new_projector: bool
 ) -> Literal["before_projector", "replace_projector"]:
+    """Where a compressor of output width `compressed_dim` goes around a projector of
+    `vision_dim` -> `text_dim` (see `graft_llava_compressor`'s `placement`); a ValueError
+    that names the widths when it fits nowhere."""
     if placement not in _PLACEMENTS:
         raise ValueError(f"placement must be one of {_PLACEMENTS}, got {placement!r}")
     widths = (
@@ -338,7 +342,7 @@ def graft_llava_compressor(
             f"{type(compressor).__name__} cannot take this model's vision features "
             f"(grid {grid[0]}x{grid[1]}, width {vision_dim}): {error}"
         ) from error
-    resolved = _resolve_placement(placement, compressed_dim, vision_dim, text_dim, projector is not None)
+    resolved = resolve_placement(placement, compressed_dim, vision_dim, text_dim, projector is not None)
 
     if processor is not None:
         image_size = (config.vision_config.image_size,) * 2
@@ -370,18 +374,35 @@ def graft_llava_compressor(
     return graft
 
 
-def save_compressor_graft(graft: CompressorGraft, folder: str | Path) -> None:
-    """Write `graft`'s settings and weights to `folder` (created if needed)."""
-    vision_dim, text_dim = projector_widths(graft._config)
-    record = {
-        "format": RECORD_FORMAT,
-        "format_version": RECORD_VERSION,
+def projector_graft_record(graft: Any, config: Any, record_format: str, version: int) -> dict[str, Any]:
+    """The record of a graft around a LLaVA-style projector (LLaVA, LLaVA-NeXT): the
+    compressor's settings, how it was placed, and the sizes a loader checks."""
+    vision_dim, text_dim = projector_widths(config)
+    return {
+        "format": record_format,
+        "format_version": version,
         **compressor_fields(graft.compressor, graft.grid, vision_dim),
         "placement": graft.placement,
         "new_projector": graft.projector is not None,
         "grid": list(graft.grid),
         "vision_dim": vision_dim,
         "text_dim": text_dim,
-        "num_image_tokens": graft.num_image_tokens,
     }
+
+
+def check_projector_graft_record(record: dict[str, Any], folder: Path, config: Any) -> None:
+    """A ValueError unless `record` was made for a model of `config`'s grid and widths."""
+    here = (vision_grid(config), *projector_widths(config))
+    saved = (tuple(record["grid"]), record["vision_dim"], record["text_dim"])
+    if saved != here:
+        raise ValueError(
+            f"the graft in {folder} was made for vision grid {saved[0]}, vision width {saved[1]} "
+            f"and text width {saved[2]}; this model has {here[0]}, {here[1]} and {here[2]}"
+        )
+
+
+def save_compressor_graft(graft: CompressorGraft, folder: str | Path) -> None:
+    """Write `graft`'s settings and weights to `folder` (created if needed)."""
+    record = projector_graft_record(graft, graft._config, RECORD_FORMAT, RECORD_VERSION)
+    record["num_image_tokens"] = graft.num_image_tokens
     write_files(graft, folder, record)

@@ -22,8 +22,9 @@ from transformers import LlavaProcessor
 from tokencompress import TokenCompressor
 
 from ._compressor_files import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_record, saved_compressor
-from ._llava_parts import llava_core, projector_widths, vision_grid
-from .compressor_graft import RECORD_FORMAT, RECORD_VERSION, CompressorGraft, graft_llava_compressor
+from ._llava_parts import llava_core
+from .compressor_graft import RECORD_FORMAT, RECORD_VERSION, CompressorGraft, check_projector_graft_record
+from .compressor_graft import graft_llava_compressor
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_llava_compressor_graft"]
 
@@ -47,14 +48,7 @@ def load_llava_compressor_graft(
     folder = Path(folder)
     record = read_record(folder, RECORD_FORMAT, RECORD_VERSION, "compressor graft",
                          "a LLaVA model loads a LLaVA compressor graft")
-    llava = llava_core(model, "load_compressor_graft")
-    grid, (vision_dim, text_dim) = vision_grid(llava.config), projector_widths(llava.config)
-    saved = (tuple(record["grid"]), record["vision_dim"], record["text_dim"])
-    if saved != (grid, vision_dim, text_dim):
-        raise ValueError(
-            f"the graft in {folder} was made for vision grid {saved[0]}, vision width {saved[1]} "
-            f"and text width {saved[2]}; this model has {grid}, {vision_dim} and {text_dim}"
-        )
+    check_projector_graft_record(record, folder, llava_core(model, "load_compressor_graft").config)
     compressor = saved_compressor(record, folder, compressor, projector)
     graft = graft_llava_compressor(
         model, compressor, processor=processor, placement=record["placement"], projector=projector

@@ -24,7 +24,7 @@ from tokencompress import EmbQ
 
 from ._embq_files import EMBQ_CONFIG_NAME, EMBQ_SIZES, EMBQ_WEIGHTS_NAME, read_record
 from .embq import EmbQGraft
-from .families import family_of
+from .families import embq_family_of
 
 __all__ = ["EMBQ_CONFIG_NAME", "EMBQ_WEIGHTS_NAME", "load_embq_graft"]
 
@@ -39,7 +39,7 @@ def load_embq_graft(
     for a module class other than `tokencompress.EmbQ` (its weights are loaded into it).
     """
     folder = Path(folder)
-    graft_embq = family_of(model, "load_embq_graft").graft_embq
+    graft_embq = embq_family_of(model, "load_embq_graft").graft_embq
     record = read_record(folder)
     if embq is None:
         if record["embq"] is None:

@@ -27,11 +27,13 @@ from ._qwen2_vl_parts import QWEN2_VL_CLASSES, qwen2_vl_core
 from .compressor_graft import CompressorGraft, graft_llava_compressor
 from .compressor_graft_io import load_llava_compressor_graft
 from .embq import EmbQGraft, graft_llava_embq
+from .llava_next import LLAVA_NEXT_CLASSES, LlavaNextCompressorGraft, graft_llava_next_compressor
+from .llava_next import llava_next_core, load_llava_next_compressor_graft
 from .qwen2_vl import MERGER_PATH, Qwen2VLCompressorGraft, graft_qwen2_vl_compressor
 from .qwen2_vl_embq import Qwen2VLEmbQGraft, graft_qwen2_vl_embq
 from .qwen2_vl_io import load_qwen2_vl_compressor_graft
 
-__all__ = ["Family", "FAMILIES", "family_of", "supported_model_types"]
+__all__ = ["Family", "FAMILIES", "family_of", "embq_family_of", "supported_model_types"]
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,9 @@ class Family:
         positions: "1-D" (one position per token) or "mRoPE" (3-D rotary: t, h, w).
         decoder_layers: the path, from the core, of the decoder layers EmbQ can wrap.
         graft_compressor, load_compressor, graft_embq: the family's graft functions,
-            with the signatures of the public ones.
-        compressor_graft, embq_graft: the handle classes they return.
+            with the signatures of the public ones; graft_embq None: no EmbQ graft yet.
+        compressor_graft, embq_graft: the handle classes they return (embq_graft None
+            with graft_embq).
     """
 
     name: str
@@ -64,9 +67,9 @@ class Family:
     decoder_layers: str
     graft_compressor: Callable[..., Any]
     load_compressor: Callable[..., Any]
-    graft_embq: Callable[..., Any]
+    graft_embq: Callable[..., Any] | None
     compressor_graft: type
-    embq_graft: type
+    embq_graft: type | None
 
 
 LLAVA = Family(
@@ -115,8 +118,31 @@ QWEN2_VL = Family(
     embq_graft=Qwen2VLEmbQGraft,
 )
 
+LLAVA_NEXT = Family(
+    name="LLaVA-NeXT",
+    model_types=("llava_next",),
+    model_classes=LLAVA_NEXT_CLASSES,
+    core=llava_next_core,
+    vision_features=(
+        "as LLaVA's, for the base view and every AnyRes tile: (num_views, H*W, C), each view on the "
+        "vision grid; `pack_image_features` then joins the tiles, unpads them and adds newlines"
+    ),
+    projector=PROJECTOR_PATH,
+    placeholders=(
+        "the processor's `_get_number_of_features`, from each image's size and the tile grid "
+        "(`replace_image_token` and `_get_num_multimodal_tokens` both ask it)"
+    ),
+    positions="1-D",
+    decoder_layers="language_model.layers",
+    graft_compressor=graft_llava_next_compressor,
+    load_compressor=load_llava_next_compressor_graft,
+    graft_embq=None,
+    compressor_graft=LlavaNextCompressorGraft,
+    embq_graft=None,
+)
+
 #: Every supported family, one row each.
-FAMILIES: tuple[Family, ...] = (LLAVA, QWEN2_VL)
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN2_VL, LLAVA_NEXT)
 
 
 def supported_model_types() -> list[str]:
@@ -144,3 +170,15 @@ def family_of(model: Any, caller: str) -> Family:
         f"{caller} supports these models: {supported}; got {type(model).__name__} "
         f"(model_type {model_type!r})"
     )
+
+
+def embq_family_of(model: Any, caller: str) -> Family:
+    """`family_of(model)`, which must have an EmbQ graft (TypeError naming those that do)."""
+    family = family_of(model, caller)
+    if family.graft_embq is None:
+        with_embq = ", ".join(f.name for f in FAMILIES if f.graft_embq is not None)
+        raise TypeError(
+            f"{caller} does not support {family.name} models yet ({type(model).__name__}); EmbQ grafts "
+            f"onto {with_embq}. Compressor grafts: every family in adapters.FAMILIES"
+        )
+    return family

@@ -7,7 +7,7 @@
 
 Which models are supported, and what each family's graft changes: `families.FAMILIES`
 and the family modules (`compressor_graft` and `embq` for LLaVA, `qwen2_vl` and
-`qwen2_vl_embq` for Qwen2-VL / Qwen2.5-VL).
+`qwen2_vl_embq` for Qwen2-VL / Qwen2.5-VL, `llava_next` for LLaVA-NeXT).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from tokencompress.base import TokenCompressor
 
-from .families import family_of
+from .families import embq_family_of, family_of
 
 __all__ = ["graft_compressor", "graft_embq", "load_compressor_graft"]
 
@@ -96,7 +96,7 @@ def graft_embq(
         the family's `EmbQGraft`: `remove()` undoes it, `save_pretrained(folder)` saves it,
         `build_prompt(...)` writes prompts with the query blocks.
     """
-    family = family_of(model, "graft_embq")
+    family = embq_family_of(model, "graft_embq")
     return family.graft_embq(
         model, embq, layer=layer, tokenizer=tokenizer, num_queries=num_queries,
         query_tokens=query_tokens, dot_token=dot_token, dot_token_id=dot_token_id,

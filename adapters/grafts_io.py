@@ -45,7 +45,7 @@ Graft = Any
 #: The name each kind of graft has in grafts.json, by the handle classes of every family.
 _KINDS: dict[type, str] = {
     **{family.compressor_graft: "compressor" for family in FAMILIES},
-    **{family.embq_graft: "embq" for family in FAMILIES},
+    **{family.embq_graft: "embq" for family in FAMILIES if family.embq_graft is not None},
 }
 
 

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +43,11 @@ from torch.utils.hooks import RemovableHandle
 from tokencompress.base import TokenCompressor
 
 from ._compressor_files import compressor_fields, write_files
-from ._instance_override import InstanceOverride
+from ._compressor_handle import WrappingCompressorGraft
 from ._qwen2_vl_compress import CompressedPatchMerger
 from ._qwen2_vl_grids import merged_grid_thw, token_counts
 from ._qwen2_vl_parts import merge_size, merged_dim, qwen2_vl_core
-from ._wrap import WrappedSubmodule, match_wrapped, refuse_other_wrappers
+from ._wrap import WrappedSubmodule, match_wrapped
 
 __all__ = ["Qwen2VLCompressorGraft", "graft_qwen2_vl_compressor", "save_qwen2_vl_compressor_graft",
            "MERGER_PATH", "RECORD_FORMAT", "RECORD_VERSION"]
@@ -186,7 +185,7 @@ def _compressed_multimodal_token_counts(
     return get_num_multimodal_tokens
 
 
-class Qwen2VLCompressorGraft:
+class Qwen2VLCompressorGraft(WrappingCompressorGraft):
     """What `graft_compressor` changed on a Qwen2-VL / Qwen2.5-VL model, and how to undo,
     lift or save it.
 
@@ -197,34 +196,19 @@ class Qwen2VLCompressorGraft:
     """
 
     def __init__(self, model: nn.Module, core: nn.Module, processor: Any | None) -> None:
-        self.model = model
-        self.processor = processor
+        super().__init__(model, processor)
         self._core = core
-        self._merger: WrappedSubmodule | None = None
         self._check: _PlaceholderCheck | None = None
         self._hook: RemovableHandle | None = None
-        self._overrides: list[InstanceOverride] = []
 
     # -- what is grafted --------------------------------------------------------------------
     @property
     def module(self) -> CompressedPatchMerger:
-        return self._merger.wrapper  # type: ignore[union-attr,return-value]
-
-    @property
-    def compressor(self) -> TokenCompressor:
-        return self.module.compressor
-
-    @property
-    def projector(self) -> nn.Module | None:
-        return self.module.projector
+        return self._wrapped.wrapper  # type: ignore[union-attr,return-value]
 
     @property
     def merge_size(self) -> int:
         return self.module.merge_size
-
-    @property
-    def active(self) -> bool:
-        return self._merger is not None and self._merger.active
 
     def compressed_grid_thw(self, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """(t, H', W') per image: the grid of its compressed tokens."""
@@ -238,84 +222,35 @@ class Qwen2VLCompressorGraft:
         """Image tokens (and placeholders) per image now; the ungrafted count is t * h * w / m**2."""
         return self.module.token_counts(image_grid_thw).tolist()
 
-    # -- install, undo, lift ----------------------------------------------------------------
+    # -- install, undo, lift, save ------------------------------------------------------------
     def _install(self) -> None:
         """The placeholder check and the instance attributes (the merger is wrapped already)."""
         merger, core, processor = self.module, self._core, self.processor
         check = self._check = _PlaceholderCheck(core, merger, type(merger.compressor).__name__)
         self._hook = core.register_forward_pre_hook(check, with_kwargs=True)
-        overrides = [
-            (core, "get_image_features", lambda method: _compressing_image_features(method, core, merger)),
-            (core, "get_rope_index", lambda method: _rope_index_on_compressed_grids(method, merger, check)),
-        ]
+        self._override(core, "get_image_features", lambda method: _compressing_image_features(method, core, merger))
+        self._override(core, "get_rope_index", lambda method: _rope_index_on_compressed_grids(method, merger, check))
         if processor is not None:
-            overrides.append((processor, "replace_image_token", lambda _: _compressed_placeholders(processor, merger)))
+            self._override(processor, "replace_image_token", lambda _: _compressed_placeholders(processor, merger))
             if hasattr(processor, "_get_num_multimodal_tokens"):
-                overrides.append((processor, "_get_num_multimodal_tokens",
-                                  lambda method: _compressed_multimodal_token_counts(method, processor, merger)))
-        for owner, name, make in overrides:  # one at a time: _undo() takes back those made
-            self._overrides.append(InstanceOverride.install(owner, name, make))
+                self._override(processor, "_get_num_multimodal_tokens",
+                               lambda method: _compressed_multimodal_token_counts(method, processor, merger))
 
-    def _remove_overrides(self) -> None:
-        for override in self._overrides:  # all or none
-            override.check_removable()
-        for override in reversed(self._overrides):
-            if override.active:
-                override.remove()
+    def _suspend(self) -> None:
+        self._check.enabled = False  # type: ignore[union-attr]
 
-    def _undo(self) -> None:
-        """Undo whatever of the graft is in place (all of it, or what a failed graft did)."""
-        for override in self._overrides:  # raise before anything changes
-            override.check_removable()
-        if self._merger is not None and self._merger.active:
-            self._merger.remove()  # raises, before anything else changes, under a later wrapper
-        self._remove_overrides()
+    def _resume(self) -> None:
+        self._check.enabled = True  # type: ignore[union-attr]
+
+    def _undo_more(self) -> None:
         if self._hook is not None:
             self._hook.remove()
 
-    def remove(self) -> None:
-        """Put back the merger, the core's and the processor's methods (bit-identical outputs)."""
-        if not self.active:
-            raise RuntimeError("this compressor graft was already removed")
-        self._undo()
-
-    @contextmanager
-    def lifted(self) -> Iterator[None]:
-        """Within the block the model and processor are ungrafted; e.g. to save them with
-        their own `save_pretrained`."""
-        if not self.active:
-            raise RuntimeError("this compressor graft was removed")
-        with self._merger.lifted():  # type: ignore[union-attr]
-            self._remove_overrides()
-            self._check.enabled = False  # type: ignore[union-attr]
-            try:
-                yield
-            finally:
-                self._check.enabled = True  # type: ignore[union-attr]
-                for override in self._overrides:
-                    override.apply()
-
-    # -- save -------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, *, save_base_model: bool = False) -> None:
-        """Write the graft (settings JSON + safetensors weights) to `folder`.
-
-        With `save_base_model=True`, also the ungrafted model and processor (their own
-        `save_pretrained`), so that `from_pretrained` + `load_compressor_graft` on
-        `folder` give this grafted model back. That refuses (RuntimeError) while another
-        graft's wrapper is in the model, whose parameter names would be written.
-        """
-        if not save_base_model:
-            save_qwen2_vl_compressor_graft(self, folder)
-            return
-        with self.lifted():  # raises if the graft was removed
-            refuse_other_wrappers(self.model)  # before any file is written
-            save_qwen2_vl_compressor_graft(self, folder)
-            self.model.save_pretrained(folder)
-            if self.processor is not None:
-                self.processor.save_pretrained(folder)
+    def _save(self, folder: str | Path) -> None:
+        save_qwen2_vl_compressor_graft(self, folder)
 
     def __repr__(self) -> str:
-        if self._merger is None:
+        if self._wrapped is None:
             return "Qwen2VLCompressorGraft(not installed)"
         return (
             f"Qwen2VLCompressorGraft({type(self.compressor).__name__}, merge_size={self.merge_size}, "
@@ -413,7 +348,7 @@ def graft_qwen2_vl_compressor(
     match_wrapped(projector, base_merger)
     graft = Qwen2VLCompressorGraft(model, core, processor)
     try:
-        graft._merger = WrappedSubmodule.install(
+        graft._wrapped = WrappedSubmodule.install(
             core, MERGER_PATH, lambda merger: CompressedPatchMerger(merger, compressor, merge, dim, projector)
         )
         graft._install()

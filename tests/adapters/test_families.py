@@ -13,6 +13,7 @@ import pytest
 from torch import nn
 
 from tests.adapters.conftest import TINY, build_tiny_llava
+from tests.adapters.tiny_llava_next import build_tiny_llava_next
 from tests.adapters.tiny_qwen2_vl import TEXT_WIDTH, build_tiny_qwen2_vl
 from tokencompress import AvgPool, EmbQ
 from tokencompress.adapters import FAMILIES, graft_compressor, graft_embq, supported_model_types
@@ -23,8 +24,8 @@ ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 
 
 def _tiny(model_type: str) -> tuple[nn.Module, object, EmbQ]:
-    if model_type == "llava":
-        model, processor = build_tiny_llava("qwen2", "siglip")
+    if model_type in ("llava", "llava_next"):
+        model, processor = build_tiny_llava("qwen2", "siglip") if model_type == "llava" else build_tiny_llava_next()
         return model, processor, EmbQ(TINY["text_hidden"], TINY["vision_hidden"], inner_dim=16, num_heads=2)
     model, processor = build_tiny_qwen2_vl(model_type)
     return model, processor, EmbQ(TEXT_WIDTH, TEXT_WIDTH, inner_dim=16, num_heads=2)
@@ -38,18 +39,22 @@ def test_each_row_names_where_its_grafts_act(model_type: str) -> None:
     core = family.core(model, "test")
     assert family.core(core, "test") is core  # the core is its own core
     compressor = graft_compressor(model, AvgPool(2), processor=processor)
-    queries = graft_embq(model, embq, layer=2, tokenizer=processor.tokenizer)
-    assert isinstance(compressor, family.compressor_graft) and isinstance(queries, family.embq_graft)
+    assert isinstance(compressor, family.compressor_graft)
     assert core.get_submodule(family.projector) is compressor.module
-    assert isinstance(core.get_submodule(family.decoder_layers)[1], EmbQDecoderLayer)
-    queries.remove()
+    if family.graft_embq is not None:
+        queries = graft_embq(model, embq, layer=2, tokenizer=processor.tokenizer)
+        assert isinstance(queries, family.embq_graft)
+        assert isinstance(core.get_submodule(family.decoder_layers)[1], EmbQDecoderLayer)
+        queries.remove()
+    else:
+        assert len(core.get_submodule(family.decoder_layers)) == model.config.text_config.num_hidden_layers
     compressor.remove()
     assert not isinstance(core.get_submodule(family.projector), type(compressor.module))
 
 
 def test_model_types_are_covered_once() -> None:
     types = supported_model_types()
-    assert len(types) == len(set(types)) and {"llava", "qwen2_vl", "qwen2_5_vl"} <= set(types)
+    assert len(types) == len(set(types)) and {"llava", "qwen2_vl", "qwen2_5_vl", "llava_next"} <= set(types)
     assert all(family.positions in ("1-D", "mRoPE") for family in FAMILIES)
 
 
