@@ -9,6 +9,7 @@ in the one order that is safe: unwrap and un-override together, all or nothing.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from ._wrap import WrappedSubmodule, refuse_other_wrappers
 __all__ = ["WrappingCompressorGraft"]
 
 
-class WrappingCompressorGraft:
+class WrappingCompressorGraft(ABC):
     """A compressor graft: `_wrapped` (the wrapper holding `compressor` and `projector`)
     plus instance overrides. Subclasses install both and say how to save themselves.
 
@@ -72,9 +73,9 @@ class WrappingCompressorGraft:
     def _undo_more(self) -> None:
         """Undo what is neither the wrapper nor an override (a hook), last."""
 
+    @abstractmethod
     def _save(self, folder: str | Path) -> None:
         """Write the graft's own files to `folder`."""
-        raise NotImplementedError
 
     # -- undo, lift -----------------------------------------------------------------------------
     def _remove_overrides(self) -> None:
