@@ -20,7 +20,16 @@ import torch
 
 from .prompt import INSTRUCTION_MAP_KEY
 
-__all__ = ["BlockPlan", "EmbQCall", "plan_query_blocks", "select_raw_vision", "group_vision", "images_of_rows"]
+__all__ = [
+    "BlockPlan",
+    "EmbQCall",
+    "plan_query_blocks",
+    "select_raw_vision",
+    "group_vision",
+    "images_of_rows",
+    "images_per_row_by_length",
+    "pack_images_of_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -252,3 +261,52 @@ def images_of_rows(images_per_row: torch.Tensor, repeats: int) -> tuple[torch.Te
     owner = torch.repeat_interleave(torch.arange(images_per_row.shape[0], device=device), images_per_row)
     first_of_owner = (torch.cumsum(images_per_row, 0) - images_per_row)[owner]
     return owner, starts[owner] + torch.arange(owner.numel(), device=device) - first_of_owner
+
+
+def images_per_row_by_length(placeholders: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """How many of the call's images each batch row holds, when image i fills the next
+    `lengths[i]` placeholders (in row-major order, as `masked_scatter` fills them) and
+    row b has `placeholders[b]` of them. Every row must end where an image ends."""
+    ends = torch.cumsum(lengths.to(placeholders.device), 0)
+    row_ends = torch.cumsum(placeholders, 0)
+    last = torch.searchsorted(ends, row_ends, right=True)  # images ending within rows 0..b
+    # Where a row ends: 0 before any image, else the end of the last image within it.
+    reached = torch.where(last > 0, ends[(last - 1).clamp(min=0)], 0) if ends.numel() else torch.zeros_like(last)
+    if int(row_ends[-1]) != int(ends[-1] if ends.numel() else 0) or not bool((reached == row_ends).all()):
+        raise ValueError(
+            f"cannot tell which image belongs to which sample: the batch rows hold {placeholders.tolist()} "
+            f"image placeholders, the call's images fill {lengths.tolist()} (was a prompt truncated "
+            "through an image's placeholders, or written for another image size?)"
+        )
+    return torch.diff(last, prepend=last.new_zeros(1))
+
+
+def pack_images_of_rows(
+    images_per_row: torch.Tensor,
+    images: list[torch.Tensor],
+    num_call_images: int,
+    vision_dim: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's images' tokens packed in batch order, and their cumulative lengths (B + 1,).
+
+    `images[i]` is (tokens_i, vision_dim); `generate` with beams or several sequences per
+    prompt repeats each row k times after encoding the images once: then `images` holds
+    those of the rows before that expansion (1/k of the call's `num_call_images`).
+    """
+    device = images_per_row.device
+    batch = images_per_row.shape[0]
+    cu = torch.zeros(batch + 1, dtype=torch.long, device=device)
+    if not images:
+        if bool(images_per_row.any()):
+            raise ValueError("the prompt has image placeholders but EmbQ saw no vision tokens in this call")
+        return torch.zeros(0, vision_dim, dtype=dtype, device=device), cu
+    repeats = num_call_images // len(images)
+    if repeats < 1 or repeats * len(images) != num_call_images or batch % repeats:
+        raise ValueError(f"the call has {num_call_images} images but the vision tokens of {len(images)}")
+    owner, image_index = images_of_rows(images_per_row, repeats)
+    chosen = [images[index] for index in image_index.tolist()]
+    lengths = torch.tensor([tokens.shape[0] for tokens in chosen], dtype=torch.long, device=device)
+    row_lengths = torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, owner, lengths)
+    cu[1:] = torch.cumsum(row_lengths, 0)
+    return torch.cat(chosen).to(dtype), cu

@@ -29,6 +29,9 @@ from .compressor_graft_io import load_llava_compressor_graft
 from .embq import EmbQGraft, graft_llava_embq
 from .llava_next import LLAVA_NEXT_CLASSES, LlavaNextCompressorGraft, graft_llava_next_compressor
 from .llava_next import llava_next_core, load_llava_next_compressor_graft
+from .llava_next_embq import AnyresEmbQGraft, graft_anyres_embq
+from .llava_onevision import LLAVA_ONEVISION_CLASSES, LlavaOnevisionCompressorGraft
+from .llava_onevision import graft_llava_onevision_compressor, llava_onevision_core, load_llava_onevision_compressor_graft
 from .qwen2_vl import MERGER_PATH, Qwen2VLCompressorGraft, graft_qwen2_vl_compressor
 from .qwen2_vl_embq import Qwen2VLEmbQGraft, graft_qwen2_vl_embq
 from .qwen2_vl_io import load_qwen2_vl_compressor_graft
@@ -136,13 +139,36 @@ LLAVA_NEXT = Family(
     decoder_layers="language_model.layers",
     graft_compressor=graft_llava_next_compressor,
     load_compressor=load_llava_next_compressor_graft,
-    graft_embq=None,
+    graft_embq=graft_anyres_embq,
     compressor_graft=LlavaNextCompressorGraft,
-    embq_graft=None,
+    embq_graft=AnyresEmbQGraft,
+)
+
+LLAVA_ONEVISION = Family(
+    name="LLaVA-OneVision",
+    model_types=("llava_onevision",),
+    model_classes=LLAVA_ONEVISION_CLASSES,
+    core=llava_onevision_core,
+    vision_features=(
+        "as LLaVA-NeXT's, for the base view and every AnyRes tile, and for every video frame "
+        "(`get_video_features`, then pooled 2x); SigLIP: no CLS token, the 'full' strategy"
+    ),
+    projector=PROJECTOR_PATH,
+    placeholders=(
+        "the processor's `num_image_tokens` (the tokens of one view): `_get_number_of_features` (tiles, "
+        "unpadding, the anyres_max cap), multi-image prompts and `replace_video_token` all count from it"
+    ),
+    positions="1-D",
+    decoder_layers="language_model.layers",
+    graft_compressor=graft_llava_onevision_compressor,
+    load_compressor=load_llava_onevision_compressor_graft,
+    graft_embq=graft_anyres_embq,
+    compressor_graft=LlavaOnevisionCompressorGraft,
+    embq_graft=AnyresEmbQGraft,
 )
 
 #: Every supported family, one row each.
-FAMILIES: tuple[Family, ...] = (LLAVA, QWEN2_VL, LLAVA_NEXT)
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN2_VL, LLAVA_NEXT, LLAVA_ONEVISION)
 
 
 def supported_model_types() -> list[str]:

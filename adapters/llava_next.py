@@ -27,9 +27,10 @@ encoder whose grid were (H', W'):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -51,14 +52,14 @@ __all__ = [
     "LlavaNextCompressorGraft",
     "graft_llava_next_compressor",
     "load_llava_next_compressor_graft",
+    "graft_anyres_compressor",
+    "load_anyres_compressor_graft",
     "llava_next_core",
     "pack_image",
     "number_of_features",
 ]
 
 LLAVA_NEXT_CLASSES: tuple[type[nn.Module], ...] = (LlavaNextForConditionalGeneration, LlavaNextModel)
-RECORD_FORMAT = "tokencompress.llava_next_compressor_graft"
-RECORD_VERSION = 1
 
 
 def llava_next_core(model: nn.Module, caller: str = "this graft") -> LlavaNextModel:
@@ -81,6 +82,7 @@ def pack_image(
     grid_pinpoints: list,
     tile_pixels: int,
     image_newline: torch.Tensor | None,
+    max_tiles: int | None = None,
 ) -> torch.Tensor:
     """One image's tokens in LLaVA-NeXT's layout, for tiles of `tile_grid` (rows, cols) tokens.
 
@@ -91,10 +93,13 @@ def pack_image(
         tile_pixels: the side of one tile in pixels (the vision tower's image size).
         image_newline: (C,), appended after each row of the tiled picture (and after the
             base view of an image without tiles); None appends nothing.
+        max_tiles: LLaVA-OneVision's "anyres_max_N" cap: a cropped picture of more than
+            1.1 * sqrt(N) tiles' worth of tokens (per side, in area) is resized bilinearly
+            down to about N tiles' worth; None (LLaVA-NeXT) never resizes.
 
     Returns:
         (tokens, C): the base view's tokens, then the tiled picture cropped to the image's
-        aspect ratio, row by row, a newline after each row.
+        aspect ratio (and capped), row by row, a newline after each row.
     """
     rows, cols = tile_grid
     base = views[0]
@@ -106,10 +111,24 @@ def pack_image(
     # (C, tiles_high * rows, tiles_wide * cols): the tiles joined into one picture.
     picture = picture.permute(4, 0, 2, 1, 3).reshape(channels, tiles_high * rows, tiles_wide * cols)
     picture = unpad_image(picture, image_size)
+    if max_tiles is not None:
+        picture = _cap_picture(picture, rows * cols, max_tiles)
     if image_newline is not None:
         newline = image_newline[:, None, None].expand(channels, picture.shape[1], 1).to(picture)
         picture = torch.cat((picture, newline), dim=-1)
     return torch.cat((base, picture.flatten(1, 2).transpose(0, 1)), dim=0)
+
+
+def _cap_picture(picture: torch.Tensor, tile_tokens: int, max_tiles: int) -> torch.Tensor:
+    """(C, h, w) resized as LLaVA-OneVision does when it holds over `max_tiles` tiles'
+    worth of tokens (its rule, with its 1.1 slack and floor division, so that the
+    processor's count of the same rule agrees)."""
+    _, height, width = picture.shape
+    ratio = math.sqrt(height * width / (max_tiles * tile_tokens))
+    if ratio <= 1.1:
+        return picture
+    size = [int(height // ratio), int(width // ratio)]
+    return nn.functional.interpolate(picture[None], size, mode="bilinear")[0]
 
 
 def number_of_features(processor: Any, image_size: Sequence[int], tile_size: Sequence[int], tile_grid: Grid) -> int:
@@ -166,6 +185,11 @@ class LlavaNextCompressorGraft(WrappingCompressorGraft):
         grid, out_grid: a tile's grid before and after the compressor.
     """
 
+    #: The family's name, in messages, and its record format (`_compressor_files`).
+    family = "LLaVA-NeXT"
+    record_format = "tokencompress.llava_next_compressor_graft"
+    record_version = 1
+
     def __init__(self, model: nn.Module, core: nn.Module, processor: Any | None, grid: Grid, out_grid: Grid) -> None:
         super().__init__(model, processor)
         self.grid = grid
@@ -180,6 +204,13 @@ class LlavaNextCompressorGraft(WrappingCompressorGraft):
     def placement(self) -> str:
         return self.module.placement
 
+    @classmethod
+    def check_fit(cls, core: nn.Module, processor: Any | None, grid: Grid, out_grid: Grid) -> None:
+        """Raise unless the family can lay out tiles of `out_grid` and `processor` counts
+        the uncompressed layout (a ValueError or TypeError saying why)."""
+        if processor is not None:
+            _check_processor(processor, core.config, grid)
+
     def _install(self) -> None:
         self._override(self._core, "pack_image_features", lambda _: _packing_on(self._core, self.out_grid))
         if self.processor is not None:
@@ -187,13 +218,15 @@ class LlavaNextCompressorGraft(WrappingCompressorGraft):
                            lambda _: _counting_on(self.processor, self.out_grid))
 
     def _save(self, folder: str | Path) -> None:
-        save_llava_next_compressor_graft(self, folder)
+        record = projector_graft_record(self, self._core.config, self.record_format, self.record_version)
+        write_files(self, folder, record)
 
     def __repr__(self) -> str:
+        name = type(self).__name__
         if self._wrapped is None:
-            return "LlavaNextCompressorGraft(not installed)"
+            return f"{name}(not installed)"
         return (
-            f"LlavaNextCompressorGraft({type(self.compressor).__name__}, placement={self.placement!r}, "
+            f"{name}({type(self.compressor).__name__}, placement={self.placement!r}, "
             f"tile grid {self.grid} -> {self.out_grid}, active={self.active})"
         )
 
@@ -231,7 +264,27 @@ def graft_llava_next_compressor(
     patch_size per side) of each tile and base view, `placement` and `projector` as for
     LLaVA. A CLS token must be dropped (the "default" strategy).
     """
-    core = llava_next_core(model, "graft_compressor")
+    return graft_anyres_compressor(
+        LlavaNextCompressorGraft, llava_next_core(model, "graft_compressor"), model, compressor,
+        processor=processor, placement=placement, projector=projector,
+    )
+
+
+_AnyresGraft = TypeVar("_AnyresGraft", bound=LlavaNextCompressorGraft)
+
+
+def graft_anyres_compressor(
+    graft_class: type[_AnyresGraft],
+    core: nn.Module,
+    model: nn.Module,
+    compressor: TokenCompressor,
+    *,
+    processor: Any | None,
+    placement: Placement,
+    projector: nn.Module | None,
+) -> _AnyresGraft:
+    """Graft `compressor` around the projector of `core` (a LLaVA-NeXT-style core inside
+    `model`); `graft_class` installs the family's layout and counts."""
     if isinstance(core.get_submodule(PROJECTOR_PATH), CompressedProjector):
         raise ValueError("this model already has a grafted compressor; remove() that graft first")
     if not isinstance(compressor, TokenCompressor):
@@ -255,13 +308,12 @@ def graft_llava_next_compressor(
             f"(grid {grid[0]}x{grid[1]}, width {vision_dim}): {error}"
         ) from error
     resolved = resolve_placement(placement, compressed_dim, vision_dim, text_dim, projector is not None)
-    if processor is not None:
-        _check_processor(processor, config, grid)
+    graft_class.check_fit(core, processor, grid, out_grid)
 
     base_projector = core.get_submodule(PROJECTOR_PATH)
     match_wrapped(compressor, base_projector)
     match_wrapped(projector, base_projector)
-    graft = LlavaNextCompressorGraft(model, core, processor, grid, out_grid)
+    graft = graft_class(model, core, processor, grid, out_grid)
     try:
         graft._wrapped = WrappedSubmodule.install(
             core, PROJECTOR_PATH,
@@ -280,9 +332,28 @@ def _has_cls(core: nn.Module) -> bool:
 
 
 # -- on disk ------------------------------------------------------------------------------------
-def save_llava_next_compressor_graft(graft: LlavaNextCompressorGraft, folder: str | Path) -> None:
-    """Write `graft`'s settings and weights to `folder` (created if needed)."""
-    write_files(graft, folder, projector_graft_record(graft, graft._core.config, RECORD_FORMAT, RECORD_VERSION))
+def load_anyres_compressor_graft(
+    graft_class: type[_AnyresGraft],
+    core: nn.Module,
+    model: nn.Module,
+    folder: str | Path,
+    *,
+    processor: Any | None,
+    compressor: TokenCompressor | None,
+    projector: nn.Module | None,
+) -> _AnyresGraft:
+    """Graft the compressor saved in `folder` (a `graft_class` record) onto `core` in `model`."""
+    folder = Path(folder)
+    family = graft_class.family
+    record = read_record(folder, graft_class.record_format, graft_class.record_version,
+                         f"{family} compressor graft", f"a {family} model loads a {family} compressor graft")
+    check_projector_graft_record(record, folder, core.config)
+    compressor = saved_compressor(record, folder, compressor, projector)
+    graft = graft_anyres_compressor(
+        graft_class, core, model, compressor, processor=processor, placement=record["placement"], projector=projector
+    )
+    load_weights(graft, folder)
+    return graft
 
 
 def load_llava_next_compressor_graft(
@@ -294,13 +365,7 @@ def load_llava_next_compressor_graft(
     projector: nn.Module | None = None,
 ) -> LlavaNextCompressorGraft:
     """`load_compressor_graft` for LLaVA-NeXT (see it)."""
-    folder = Path(folder)
-    record = read_record(folder, RECORD_FORMAT, RECORD_VERSION, "LLaVA-NeXT compressor graft",
-                         "a LLaVA-NeXT model loads a LLaVA-NeXT compressor graft")
-    check_projector_graft_record(record, folder, llava_next_core(model, "load_compressor_graft").config)
-    compressor = saved_compressor(record, folder, compressor, projector)
-    graft = graft_llava_next_compressor(
-        model, compressor, processor=processor, placement=record["placement"], projector=projector
+    return load_anyres_compressor_graft(
+        LlavaNextCompressorGraft, llava_next_core(model, "load_compressor_graft"), model, folder,
+        processor=processor, compressor=compressor, projector=projector,
     )
-    load_weights(graft, folder)
-    return graft

@@ -14,6 +14,7 @@ from torch import nn
 
 from tests.adapters.conftest import TINY, build_tiny_llava
 from tests.adapters.tiny_llava_next import build_tiny_llava_next
+from tests.adapters.tiny_llava_onevision import build_tiny_llava_onevision
 from tests.adapters.tiny_qwen2_vl import TEXT_WIDTH, build_tiny_qwen2_vl
 from tokencompress import AvgPool, EmbQ
 from tokencompress.adapters import FAMILIES, graft_compressor, graft_embq, supported_model_types
@@ -24,8 +25,13 @@ ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 
 
 def _tiny(model_type: str) -> tuple[nn.Module, object, EmbQ]:
-    if model_type in ("llava", "llava_next"):
-        model, processor = build_tiny_llava("qwen2", "siglip") if model_type == "llava" else build_tiny_llava_next()
+    llava_like = {
+        "llava": lambda: build_tiny_llava("qwen2", "siglip"),
+        "llava_next": build_tiny_llava_next,
+        "llava_onevision": build_tiny_llava_onevision,
+    }
+    if model_type in llava_like:
+        model, processor = llava_like[model_type]()
         return model, processor, EmbQ(TINY["text_hidden"], TINY["vision_hidden"], inner_dim=16, num_heads=2)
     model, processor = build_tiny_qwen2_vl(model_type)
     return model, processor, EmbQ(TEXT_WIDTH, TEXT_WIDTH, inner_dim=16, num_heads=2)
@@ -54,7 +60,8 @@ def test_each_row_names_where_its_grafts_act(model_type: str) -> None:
 
 def test_model_types_are_covered_once() -> None:
     types = supported_model_types()
-    assert len(types) == len(set(types)) and {"llava", "qwen2_vl", "qwen2_5_vl", "llava_next"} <= set(types)
+    assert len(types) == len(set(types))
+    assert {"llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision"} <= set(types)
     assert all(family.positions in ("1-D", "mRoPE") for family in FAMILIES)
 
 
@@ -69,6 +76,20 @@ def test_an_unsupported_model_is_a_type_error_that_lists_the_supported_ones() ->
         assert "PhiModel" in message and "'phi'" in message
         for model_type in supported_model_types():
             assert repr(model_type) in message
+
+
+def test_a_family_without_an_embq_graft_is_a_type_error_naming_those_with_one(monkeypatch) -> None:
+    from dataclasses import replace
+
+    from tokencompress.adapters import families
+
+    model, processor = build_tiny_llava("qwen2", "siglip")
+    without = tuple(replace(row, graft_embq=None, embq_graft=None) if row is families.LLAVA else row
+                    for row in families.FAMILIES)
+    monkeypatch.setattr(families, "FAMILIES", without)
+    embq = EmbQ(TINY["text_hidden"], TINY["vision_hidden"], inner_dim=16, num_heads=2)
+    with pytest.raises(TypeError, match=r"graft_embq does not support LLaVA models yet .*EmbQ grafts onto Qwen2-VL"):
+        graft_embq(model, embq, layer=1, tokenizer=processor.tokenizer)
 
 
 # -- import structure ---------------------------------------------------------------------------

@@ -1,22 +1,27 @@
 """The compressor graft on LLaVA-NeXT: per-tile compression, the AnyRes layout on the
-compressed tile grid, placeholders per image size, generation, batches, remove, save/load."""
+compressed tile grid, placeholders per image size; and, for LLaVA-NeXT and LLaVA-OneVision
+(whose own layout is tested in `test_llava_onevision`): generation, batches, remove,
+save/load, gradients."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+from transformers import LlavaNextForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from tests.adapters.conftest import IMAGE_TOKEN, TINY
 from tests.adapters.tiny_llava_next import PINPOINTS, TILE, build_tiny_llava_next, inputs_for, make_image
-from tokencompress import SAP, AvgPool, EmbQ, PixelShuffle
-from tokencompress.adapters import graft_compressor, graft_embq, load_compressor_graft
+from tests.adapters.tiny_llava_onevision import build_tiny_llava_onevision
+from tokencompress import SAP, AvgPool, PixelShuffle
+from tokencompress.adapters import graft_compressor, load_compressor_graft
 from tokencompress.adapters.llava_next import LlavaNextCompressorGraft, pack_image
+from tokencompress.adapters.llava_onevision import LlavaOnevisionCompressorGraft
 
 GRID = (TILE // TINY["patch_size"],) * 2  # 8x8 tokens per tile
 # Portrait, landscape, square, tiny, very tall, odd: each picks other tiles and crops.
@@ -26,14 +31,21 @@ COMPRESSORS = {
     "avgpool4": lambda: AvgPool(4),  # 2x2
     "sap3": lambda: SAP(TINY["vision_hidden"], window=3),  # 3x3
 }
+#: The AnyRes families: their tiny model and processor, and their graft's handle.
+ANYRES = {
+    "llava_next": (build_tiny_llava_next, LlavaNextCompressorGraft),
+    "llava_onevision": (build_tiny_llava_onevision, LlavaOnevisionCompressorGraft),
+}
 
 
 # -- a plain reference of the layout -----------------------------------------------------------
 def reference_layout(views: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int],
-                     newline: torch.Tensor) -> torch.Tensor:
+                     newline: torch.Tensor, resize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     ) -> torch.Tensor:
     """LLaVA-NeXT's layout, token by token: the base view, then the tiled picture's rows
     (tile row by tile row, token row by token row, across the tiles), cropped to the image's
-    aspect ratio, a newline after each row."""
+    aspect ratio, a newline after each row. `resize` maps the cropped (h, w, C) picture
+    to another (OneVision's cap) before the rows are read."""
     rows, cols = grid
     tokens = list(views[0])
     if views.shape[0] == 1:
@@ -56,8 +68,11 @@ def reference_layout(views: torch.Tensor, image_size: tuple[int, int], grid: tup
         kept = int(round(original_width * height / original_height, 7))
         left = (width - kept) // 2
         right = width - left
-    for y in range(top, bottom):
-        tokens += [at(y, x) for x in range(left, right)] + [newline]
+    picture = torch.stack([torch.stack([at(y, x) for x in range(left, right)]) for y in range(top, bottom)])
+    if resize is not None:
+        picture = resize(picture)
+    for picture_row in picture:
+        tokens += list(picture_row) + [newline]
     return torch.stack(tokens)
 
 
@@ -125,7 +140,7 @@ def test_placeholders_features_and_the_reference_agree_for_every_image_size(name
     assert all(c < u for c, u in zip(placeholders, (fewer["input_ids"] == model.config.image_token_id).sum(1)))
 
 
-def _prompts(processor: LlavaNextProcessor) -> tuple[list, list[str]]:
+def _prompts(processor: object) -> tuple[list, list[str]]:
     images = [make_image(40, 90, seed=3), make_image(100, 30, seed=4)]
     return images, [f"{IMAGE_TOKEN} What is here?", f"{IMAGE_TOKEN} Describe the picture in a few words please"]
 
@@ -136,8 +151,9 @@ def _generate(model: nn.Module, batch: dict, use_cache: bool) -> torch.Tensor:
                               pad_token_id=0)[:, batch["input_ids"].shape[1]:]
 
 
-def test_generation_with_the_cache_and_in_a_left_padded_batch() -> None:
-    model, processor = build_tiny_llava_next()
+@pytest.mark.parametrize("family", list(ANYRES))
+def test_generation_with_the_cache_and_in_a_left_padded_batch(family: str) -> None:
+    model, processor = ANYRES[family][0]()
     graft_compressor(model, AvgPool(2), processor=processor)
     images, texts = _prompts(processor)
     batch = inputs_for(processor, images, texts)
@@ -153,23 +169,28 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).logits
 
 
-def test_remove_restores_the_model_and_the_processor_bit_for_bit() -> None:
-    model, processor = build_tiny_llava_next()
+@pytest.mark.parametrize("family", list(ANYRES))
+def test_remove_restores_the_model_and_the_processor_bit_for_bit(family: str) -> None:
+    model, processor = ANYRES[family][0]()
     images, texts = _prompts(processor)
     before = inputs_for(processor, images, texts)
     logits = _logits(model, before)
+    model_state, processor_state = dict(vars(model.model)), dict(vars(processor))
     graft = graft_compressor(model, SAP(TINY["vision_hidden"], window=2), processor=processor)
-    assert isinstance(graft, LlavaNextCompressorGraft) and graft.out_grid == (4, 4)
+    assert type(graft) is ANYRES[family][1] and graft.out_grid == (4, 4)
+    assert vars(model.model).keys() != model_state.keys() and vars(processor) != processor_state
     assert not torch.equal(inputs_for(processor, images, texts)["input_ids"], before["input_ids"])
     graft.remove()
     after = inputs_for(processor, images, texts)
     assert all(torch.equal(after[key], before[key]) for key in before)
     assert torch.equal(_logits(model, after), logits)
-    assert "pack_image_features" not in vars(model.model) and "_get_number_of_features" not in vars(processor)
+    # The instance attributes the graft set are gone, those it shadowed back.
+    assert vars(model.model).keys() == model_state.keys() and vars(processor) == processor_state
 
 
-def test_save_and_load_give_the_same_logits(tmp_path: Path) -> None:
-    model, processor = build_tiny_llava_next()
+@pytest.mark.parametrize("family", list(ANYRES))
+def test_save_and_load_give_the_same_logits(family: str, tmp_path: Path) -> None:
+    model, processor = ANYRES[family][0]()
     graft = graft_compressor(model, SAP(TINY["vision_hidden"], window=2), processor=processor)
     with torch.no_grad():  # weights of its own, so that loading them is visible
         for parameter in graft.compressor.parameters():
@@ -178,16 +199,17 @@ def test_save_and_load_give_the_same_logits(tmp_path: Path) -> None:
     batch = inputs_for(processor, images, texts)
     logits = _logits(model, batch)
     graft.save_pretrained(tmp_path, save_base_model=True)
-    reloaded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
-    reloaded_processor = LlavaNextProcessor.from_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    reloaded_processor = type(processor).from_pretrained(tmp_path)
     load_compressor_graft(reloaded, tmp_path, processor=reloaded_processor)
     again = inputs_for(reloaded_processor, images, texts)
     assert torch.equal(again["input_ids"], batch["input_ids"])
     torch.testing.assert_close(_logits(reloaded, again), logits, rtol=0, atol=0)
 
 
-def test_gradients_reach_the_compressor() -> None:
-    model, processor = build_tiny_llava_next()
+@pytest.mark.parametrize("family", list(ANYRES))
+def test_gradients_reach_the_compressor(family: str) -> None:
+    model, processor = ANYRES[family][0]()
     graft = graft_compressor(model, SAP(TINY["vision_hidden"], window=2), processor=processor)
     model.train()
     images, texts = _prompts(processor)
@@ -211,13 +233,11 @@ def test_bad_grafts_are_refused_with_the_reason() -> None:
         graft_compressor(model, AvgPool(2), processor=processor)
     with pytest.raises(ValueError, match="has a CLS token and vision_feature_select_strategy is 'full'"):
         graft_compressor(build_tiny_llava_next(strategy="full")[0], AvgPool(2))
-    with pytest.raises(TypeError, match="does not support LLaVA-NeXT"):
-        graft_embq(model, EmbQ(TINY["text_hidden"], TINY["vision_hidden"], inner_dim=16, num_heads=2), layer=1,
-                   tokenizer=processor.tokenizer)
 
 
-def test_a_new_projector_takes_a_width_changing_compressor() -> None:
-    model, processor = build_tiny_llava_next()
+@pytest.mark.parametrize("family", list(ANYRES))
+def test_a_new_projector_takes_a_width_changing_compressor(family: str) -> None:
+    model, processor = ANYRES[family][0]()
     projector = nn.Linear(4 * TINY["vision_hidden"], TINY["text_hidden"])
     graft_compressor(model, PixelShuffle(2), processor=processor, projector=projector)
     images, texts = _prompts(processor)
