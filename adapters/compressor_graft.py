@@ -374,10 +374,13 @@ def graft_llava_compressor(
     return graft
 
 
-def projector_graft_record(graft: Any, config: Any, record_format: str, version: int) -> dict[str, Any]:
-    """The record of a graft around a LLaVA-style projector (LLaVA, LLaVA-NeXT): the
-    compressor's settings, how it was placed, and the sizes a loader checks."""
-    vision_dim, text_dim = projector_widths(config)
+def projector_graft_record(
+    graft: Any, config: Any, record_format: str, version: int, widths: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The record of a graft around a LLaVA-style projector (LLaVA, LLaVA-NeXT, InternVL):
+    the compressor's settings, how it was placed, and the sizes a loader checks.
+    `widths`: the projector's (input, output) widths, if not LLaVA's (`projector_widths`)."""
+    vision_dim, text_dim = widths if widths is not None else projector_widths(config)
     return {
         "format": record_format,
         "format_version": version,
@@ -390,9 +393,16 @@ def projector_graft_record(graft: Any, config: Any, record_format: str, version:
     }
 
 
-def check_projector_graft_record(record: dict[str, Any], folder: Path, config: Any) -> None:
-    """A ValueError unless `record` was made for a model of `config`'s grid and widths."""
-    here = (vision_grid(config), *projector_widths(config))
+def check_projector_graft_record(
+    record: dict[str, Any], folder: Path, config: Any, grid: Grid | None = None,
+    widths: tuple[int, int] | None = None,
+) -> None:
+    """A ValueError unless `record` was made for a model of `config`'s grid and widths
+    (or of `grid` and `widths`, where the family's are not LLaVA's)."""
+    here = (
+        tuple(grid) if grid is not None else vision_grid(config),
+        *(widths if widths is not None else projector_widths(config)),
+    )
     saved = (tuple(record["grid"]), record["vision_dim"], record["text_dim"])
     if saved != here:
         raise ValueError(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,20 +40,14 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from tokencompress.base import Grid, TokenCompressor
 
-from ._compressor_files import load_weights, read_record, saved_compressor, write_files
-from ._compressor_handle import WrappingCompressorGraft
-from ._llava_parts import PROJECTOR_PATH, projector_widths, vision_grid
-from ._wrap import WrappedSubmodule, match_wrapped
-from .compressor_graft import CompressedProjector, Placement, check_projector_graft_record, projector_graft_record
-from .compressor_graft import resolve_placement
+from ._projector_graft import ProjectorCompressorGraft, graft_projector_compressor, load_projector_compressor_graft
+from .compressor_graft import Placement
 
 __all__ = [
     "LLAVA_NEXT_CLASSES",
     "LlavaNextCompressorGraft",
     "graft_llava_next_compressor",
     "load_llava_next_compressor_graft",
-    "graft_anyres_compressor",
-    "load_anyres_compressor_graft",
     "llava_next_core",
     "pack_image",
     "number_of_features",
@@ -175,7 +169,7 @@ def _counting_on(processor: Any, tile_grid: Grid) -> Callable[..., int]:
 
 
 # -- the graft --------------------------------------------------------------------------------
-class LlavaNextCompressorGraft(WrappingCompressorGraft):
+class LlavaNextCompressorGraft(ProjectorCompressorGraft):
     """What `graft_compressor` changed on a LLaVA-NeXT model, and how to undo, lift or save it.
 
     Attributes:
@@ -185,29 +179,12 @@ class LlavaNextCompressorGraft(WrappingCompressorGraft):
         grid, out_grid: a tile's grid before and after the compressor.
     """
 
-    #: The family's name, in messages, and its record format (`_compressor_files`).
     family = "LLaVA-NeXT"
     record_format = "tokencompress.llava_next_compressor_graft"
     record_version = 1
 
-    def __init__(self, model: nn.Module, core: nn.Module, processor: Any | None, grid: Grid, out_grid: Grid) -> None:
-        super().__init__(model, processor)
-        self.grid = grid
-        self.out_grid = out_grid
-        self._core = core
-
-    @property
-    def module(self) -> CompressedProjector:
-        return self._wrapped.wrapper  # type: ignore[union-attr,return-value]
-
-    @property
-    def placement(self) -> str:
-        return self.module.placement
-
     @classmethod
     def check_fit(cls, core: nn.Module, processor: Any | None, grid: Grid, out_grid: Grid) -> None:
-        """Raise unless the family can lay out tiles of `out_grid` and `processor` counts
-        the uncompressed layout (a ValueError or TypeError saying why)."""
         if processor is not None:
             _check_processor(processor, core.config, grid)
 
@@ -216,19 +193,6 @@ class LlavaNextCompressorGraft(WrappingCompressorGraft):
         if self.processor is not None:
             self._override(self.processor, "_get_number_of_features",
                            lambda _: _counting_on(self.processor, self.out_grid))
-
-    def _save(self, folder: str | Path) -> None:
-        record = projector_graft_record(self, self._core.config, self.record_format, self.record_version)
-        write_files(self, folder, record)
-
-    def __repr__(self) -> str:
-        name = type(self).__name__
-        if self._wrapped is None:
-            return f"{name}(not installed)"
-        return (
-            f"{name}({type(self.compressor).__name__}, placement={self.placement!r}, "
-            f"tile grid {self.grid} -> {self.out_grid}, active={self.active})"
-        )
 
 
 def _check_processor(processor: Any, config: Any, grid: Grid) -> None:
@@ -264,96 +228,10 @@ def graft_llava_next_compressor(
     patch_size per side) of each tile and base view, `placement` and `projector` as for
     LLaVA. A CLS token must be dropped (the "default" strategy).
     """
-    return graft_anyres_compressor(
+    return graft_projector_compressor(
         LlavaNextCompressorGraft, llava_next_core(model, "graft_compressor"), model, compressor,
         processor=processor, placement=placement, projector=projector,
     )
-
-
-_AnyresGraft = TypeVar("_AnyresGraft", bound=LlavaNextCompressorGraft)
-
-
-def graft_anyres_compressor(
-    graft_class: type[_AnyresGraft],
-    core: nn.Module,
-    model: nn.Module,
-    compressor: TokenCompressor,
-    *,
-    processor: Any | None,
-    placement: Placement,
-    projector: nn.Module | None,
-) -> _AnyresGraft:
-    """Graft `compressor` around the projector of `core` (a LLaVA-NeXT-style core inside
-    `model`); `graft_class` installs the family's layout and counts."""
-    if isinstance(core.get_submodule(PROJECTOR_PATH), CompressedProjector):
-        raise ValueError("this model already has a grafted compressor; remove() that graft first")
-    if not isinstance(compressor, TokenCompressor):
-        raise TypeError(f"compressor must be a TokenCompressor, got {type(compressor).__name__}")
-    config = core.config
-    grid = vision_grid(config)
-    vision_dim, text_dim = projector_widths(config)
-    if config.vision_feature_select_strategy != "default" and _has_cls(core):
-        raise ValueError(
-            "this vision tower has a CLS token and vision_feature_select_strategy is "
-            f"{config.vision_feature_select_strategy!r}; the compressor needs the grid's tokens only "
-            "(use 'default', which drops it)"
-        )
-    try:
-        compressor.check_dim(vision_dim)
-        compressed_dim = compressor.out_dim(vision_dim)
-        out_grid = tuple(compressor.out_grid(grid))
-    except ValueError as error:
-        raise ValueError(
-            f"{type(compressor).__name__} cannot take this model's tiles "
-            f"(grid {grid[0]}x{grid[1]}, width {vision_dim}): {error}"
-        ) from error
-    resolved = resolve_placement(placement, compressed_dim, vision_dim, text_dim, projector is not None)
-    graft_class.check_fit(core, processor, grid, out_grid)
-
-    base_projector = core.get_submodule(PROJECTOR_PATH)
-    match_wrapped(compressor, base_projector)
-    match_wrapped(projector, base_projector)
-    graft = graft_class(model, core, processor, grid, out_grid)
-    try:
-        graft._wrapped = WrappedSubmodule.install(
-            core, PROJECTOR_PATH,
-            lambda original: CompressedProjector(original, compressor, grid, resolved, text_dim, projector),
-        )
-        graft._install()
-    except Exception:
-        graft._undo()  # all or nothing: no half-grafted model
-        raise
-    return graft
-
-
-def _has_cls(core: nn.Module) -> bool:
-    embeddings = getattr(core.vision_tower, "vision_model", core.vision_tower).embeddings
-    return getattr(embeddings, "num_positions", 0) > getattr(embeddings, "num_patches", 0)
-
-
-# -- on disk ------------------------------------------------------------------------------------
-def load_anyres_compressor_graft(
-    graft_class: type[_AnyresGraft],
-    core: nn.Module,
-    model: nn.Module,
-    folder: str | Path,
-    *,
-    processor: Any | None,
-    compressor: TokenCompressor | None,
-    projector: nn.Module | None,
-) -> _AnyresGraft:
-    """Graft the compressor saved in `folder` (a `graft_class` record) onto `core` in `model`."""
-    folder = Path(folder)
-    family = graft_class.family
-    record = read_record(folder, graft_class.record_format, graft_class.record_version,
-                         f"{family} compressor graft", f"a {family} model loads a {family} compressor graft")
-    check_projector_graft_record(record, folder, core.config)
-    compressor = saved_compressor(record, folder, compressor, projector)
-    graft = graft_anyres_compressor(
-        graft_class, core, model, compressor, processor=processor, placement=record["placement"], projector=projector
-    )
-    load_weights(graft, folder)
-    return graft
 
 
 def load_llava_next_compressor_graft(
@@ -365,7 +243,7 @@ def load_llava_next_compressor_graft(
     projector: nn.Module | None = None,
 ) -> LlavaNextCompressorGraft:
     """`load_compressor_graft` for LLaVA-NeXT (see it)."""
-    return load_anyres_compressor_graft(
+    return load_projector_compressor_graft(
         LlavaNextCompressorGraft, llava_next_core(model, "load_compressor_graft"), model, folder,
         processor=processor, compressor=compressor, projector=projector,
     )

@@ -40,8 +40,9 @@ from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionM
 
 from tokencompress.base import Grid, TokenCompressor
 
+from ._projector_graft import graft_projector_compressor, load_projector_compressor_graft
 from .compressor_graft import Placement
-from .llava_next import LlavaNextCompressorGraft, graft_anyres_compressor, load_anyres_compressor_graft, pack_image
+from .llava_next import LlavaNextCompressorGraft, pack_image
 
 __all__ = [
     "LLAVA_ONEVISION_CLASSES",
@@ -165,7 +166,7 @@ def graft_llava_onevision_compressor(
 ) -> LlavaOnevisionCompressorGraft:
     """`graft_compressor` for LLaVA-OneVision: run `compressor` on every tile, base view and
     video frame, on the vision grid; `placement` and `projector` as for LLaVA."""
-    return graft_anyres_compressor(
+    return graft_projector_compressor(
         LlavaOnevisionCompressorGraft, llava_onevision_core(model, "graft_compressor"), model, compressor,
         processor=processor, placement=placement, projector=projector,
     )
@@ -180,7 +181,7 @@ def load_llava_onevision_compressor_graft(
     projector: nn.Module | None = None,
 ) -> LlavaOnevisionCompressorGraft:
     """`load_compressor_graft` for LLaVA-OneVision (see it)."""
-    return load_anyres_compressor_graft(
+    return load_projector_compressor_graft(
         LlavaOnevisionCompressorGraft, llava_onevision_core(model, "load_compressor_graft"), model, folder,
         processor=processor, compressor=compressor, projector=projector,
     )

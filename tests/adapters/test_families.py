@@ -13,6 +13,7 @@ import pytest
 from torch import nn
 
 from tests.adapters.conftest import TINY, build_tiny_llava
+from tests.adapters.tiny_internvl import build_tiny_internvl
 from tests.adapters.tiny_llava_next import build_tiny_llava_next
 from tests.adapters.tiny_llava_onevision import build_tiny_llava_onevision
 from tests.adapters.tiny_qwen2_vl import TEXT_WIDTH, build_tiny_qwen2_vl
@@ -29,6 +30,7 @@ def _tiny(model_type: str) -> tuple[nn.Module, object, EmbQ]:
         "llava": lambda: build_tiny_llava("qwen2", "siglip"),
         "llava_next": build_tiny_llava_next,
         "llava_onevision": build_tiny_llava_onevision,
+        "internvl": build_tiny_internvl,  # no EmbQ graft yet: the EmbQ is not used
     }
     if model_type in llava_like:
         model, processor = llava_like[model_type]()
@@ -61,7 +63,7 @@ def test_each_row_names_where_its_grafts_act(model_type: str) -> None:
 def test_model_types_are_covered_once() -> None:
     types = supported_model_types()
     assert len(types) == len(set(types))
-    assert {"llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision"} <= set(types)
+    assert {"llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "internvl"} <= set(types)
     assert all(family.positions in ("1-D", "mRoPE") for family in FAMILIES)
 
 

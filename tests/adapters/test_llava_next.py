@@ -1,12 +1,14 @@
 """The compressor graft on LLaVA-NeXT: per-tile compression, the AnyRes layout on the
-compressed tile grid, placeholders per image size; and, for LLaVA-NeXT and LLaVA-OneVision
-(whose own layout is tested in `test_llava_onevision`): generation, batches, remove,
+compressed tile grid, placeholders per image size; and, for every family whose graft wraps
+a LLaVA-style projector (LLaVA-NeXT, LLaVA-OneVision, InternVL; their own layouts are
+tested in `test_llava_onevision` and `test_internvl`): generation, batches, remove,
 save/load, gradients."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,9 +19,11 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from tests.adapters.conftest import IMAGE_TOKEN, TINY
 from tests.adapters.tiny_llava_next import PINPOINTS, TILE, build_tiny_llava_next, inputs_for, make_image
+from tests.adapters.tiny_internvl import build_tiny_internvl
 from tests.adapters.tiny_llava_onevision import build_tiny_llava_onevision
 from tokencompress import SAP, AvgPool, PixelShuffle
 from tokencompress.adapters import graft_compressor, load_compressor_graft
+from tokencompress.adapters.internvl import InternVLCompressorGraft
 from tokencompress.adapters.llava_next import LlavaNextCompressorGraft, pack_image
 from tokencompress.adapters.llava_onevision import LlavaOnevisionCompressorGraft
 
@@ -31,10 +35,12 @@ COMPRESSORS = {
     "avgpool4": lambda: AvgPool(4),  # 2x2
     "sap3": lambda: SAP(TINY["vision_hidden"], window=3),  # 3x3
 }
-#: The AnyRes families: their tiny model and processor, and their graft's handle.
-ANYRES = {
-    "llava_next": (build_tiny_llava_next, LlavaNextCompressorGraft),
-    "llava_onevision": (build_tiny_llava_onevision, LlavaOnevisionCompressorGraft),
+#: The families whose graft wraps a LLaVA-style projector: their tiny model and processor,
+#: their graft's handle, and the width the compressor gets (an 8x8 grid in each).
+FAMILIES = {
+    "llava_next": (build_tiny_llava_next, LlavaNextCompressorGraft, TINY["vision_hidden"]),
+    "llava_onevision": (build_tiny_llava_onevision, LlavaOnevisionCompressorGraft, TINY["vision_hidden"]),
+    "internvl": (build_tiny_internvl, InternVLCompressorGraft, 4 * TINY["vision_hidden"]),
 }
 
 
@@ -140,9 +146,10 @@ def test_placeholders_features_and_the_reference_agree_for_every_image_size(name
     assert all(c < u for c, u in zip(placeholders, (fewer["input_ids"] == model.config.image_token_id).sum(1)))
 
 
-def _prompts(processor: object) -> tuple[list, list[str]]:
+def _prompts(processor: Any) -> tuple[list, list[str]]:
     images = [make_image(40, 90, seed=3), make_image(100, 30, seed=4)]
-    return images, [f"{IMAGE_TOKEN} What is here?", f"{IMAGE_TOKEN} Describe the picture in a few words please"]
+    token = processor.image_token
+    return images, [f"{token} What is here?", f"{token} Describe the picture in a few words please"]
 
 
 def _generate(model: nn.Module, batch: dict, use_cache: bool) -> torch.Tensor:
@@ -151,9 +158,10 @@ def _generate(model: nn.Module, batch: dict, use_cache: bool) -> torch.Tensor:
                               pad_token_id=0)[:, batch["input_ids"].shape[1]:]
 
 
-@pytest.mark.parametrize("family", list(ANYRES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_generation_with_the_cache_and_in_a_left_padded_batch(family: str) -> None:
-    model, processor = ANYRES[family][0]()
+    build, graft_class, width = FAMILIES[family]
+    model, processor = build()
     graft_compressor(model, AvgPool(2), processor=processor)
     images, texts = _prompts(processor)
     batch = inputs_for(processor, images, texts)
@@ -169,29 +177,32 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).logits
 
 
-@pytest.mark.parametrize("family", list(ANYRES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_remove_restores_the_model_and_the_processor_bit_for_bit(family: str) -> None:
-    model, processor = ANYRES[family][0]()
+    build, graft_class, width = FAMILIES[family]
+    model, processor = build()
     images, texts = _prompts(processor)
     before = inputs_for(processor, images, texts)
     logits = _logits(model, before)
-    model_state, processor_state = dict(vars(model.model)), dict(vars(processor))
-    graft = graft_compressor(model, SAP(TINY["vision_hidden"], window=2), processor=processor)
-    assert type(graft) is ANYRES[family][1] and graft.out_grid == (4, 4)
-    assert vars(model.model).keys() != model_state.keys() and vars(processor) != processor_state
+    states = lambda: (dict(vars(model.model)), dict(vars(model.config)), dict(vars(processor)))  # noqa: E731
+    before_states = states()
+    graft = graft_compressor(model, SAP(width, window=2), processor=processor)
+    assert type(graft) is graft_class and graft.out_grid == (4, 4)
+    assert states() != before_states
     assert not torch.equal(inputs_for(processor, images, texts)["input_ids"], before["input_ids"])
     graft.remove()
     after = inputs_for(processor, images, texts)
     assert all(torch.equal(after[key], before[key]) for key in before)
     assert torch.equal(_logits(model, after), logits)
     # The instance attributes the graft set are gone, those it shadowed back.
-    assert vars(model.model).keys() == model_state.keys() and vars(processor) == processor_state
+    assert states() == before_states
 
 
-@pytest.mark.parametrize("family", list(ANYRES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_save_and_load_give_the_same_logits(family: str, tmp_path: Path) -> None:
-    model, processor = ANYRES[family][0]()
-    graft = graft_compressor(model, SAP(TINY["vision_hidden"], window=2), processor=processor)
+    build, graft_class, width = FAMILIES[family]
+    model, processor = build()
+    graft = graft_compressor(model, SAP(width, window=2), processor=processor)
     with torch.no_grad():  # weights of its own, so that loading them is visible
         for parameter in graft.compressor.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -207,10 +218,11 @@ def test_save_and_load_give_the_same_logits(family: str, tmp_path: Path) -> None
     torch.testing.assert_close(_logits(reloaded, again), logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", list(ANYRES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_gradients_reach_the_compressor(family: str) -> None:
-    model, processor = ANYRES[family][0]()
-    graft = graft_compressor(model, SAP(TINY["vision_hidden"], window=2), processor=processor)
+    build, graft_class, width = FAMILIES[family]
+    model, processor = build()
+    graft = graft_compressor(model, SAP(width, window=2), processor=processor)
     model.train()
     images, texts = _prompts(processor)
     batch = inputs_for(processor, images, texts)
@@ -235,10 +247,11 @@ def test_bad_grafts_are_refused_with_the_reason() -> None:
         graft_compressor(build_tiny_llava_next(strategy="full")[0], AvgPool(2))
 
 
-@pytest.mark.parametrize("family", list(ANYRES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_new_projector_takes_a_width_changing_compressor(family: str) -> None:
-    model, processor = ANYRES[family][0]()
-    projector = nn.Linear(4 * TINY["vision_hidden"], TINY["text_hidden"])
+    build, graft_class, width = FAMILIES[family]
+    model, processor = build()
+    projector = nn.Linear(4 * width, TINY["text_hidden"])
     graft_compressor(model, PixelShuffle(2), processor=processor, projector=projector)
     images, texts = _prompts(processor)
     batch = inputs_for(processor, images, texts)
