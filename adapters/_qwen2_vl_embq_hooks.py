@@ -106,7 +106,10 @@ class Qwen2VLCallRouter(CallRouter):
         """Arrange to see the call's images' merged tokens."""
         encoded = kwargs.get("mm_encoder_outputs") or {}
         if kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None:
-            raise ValueError("EmbQ on Qwen2-VL reads each sample's images; prompts with videos are not supported")
+            raise ValueError(
+                f"EmbQ on {type(module).__name__} reads each sample's images; prompts with videos are not supported "
+                "(pixel_values_videos)"
+            )
         if encoded.get("image") is not None:
             # generate() encodes the images before prefill and passes the outputs in.
             state.vision_output, state.encoded = encoded["image"], True

@@ -28,6 +28,9 @@ from .compressor_graft import CompressorGraft, graft_llava_compressor
 from .compressor_graft_io import load_llava_compressor_graft
 from .embq import EmbQGraft, graft_llava_embq
 from .llava_next import LLAVA_NEXT_CLASSES, LlavaNextCompressorGraft, graft_llava_next_compressor
+from .internvl import INTERNVL_CLASSES, InternVLCompressorGraft, graft_internvl_compressor, internvl_core
+from .internvl import load_internvl_compressor_graft
+from .internvl_embq import InternVLEmbQGraft, graft_internvl_embq
 from .llava_next import llava_next_core, load_llava_next_compressor_graft
 from .llava_next_embq import AnyresEmbQGraft, graft_anyres_embq
 from .llava_onevision import LLAVA_ONEVISION_CLASSES, LlavaOnevisionCompressorGraft
@@ -35,6 +38,8 @@ from .llava_onevision import graft_llava_onevision_compressor, llava_onevision_c
 from .qwen2_vl import MERGER_PATH, Qwen2VLCompressorGraft, graft_qwen2_vl_compressor
 from .qwen2_vl_embq import Qwen2VLEmbQGraft, graft_qwen2_vl_embq
 from .qwen2_vl_io import load_qwen2_vl_compressor_graft
+from .qwen3_vl import QWEN3_VL_CLASSES, Qwen3VLCompressorGraft, Qwen3VLEmbQGraft, graft_qwen3_vl_compressor
+from .qwen3_vl import graft_qwen3_vl_embq, load_qwen3_vl_compressor_graft, qwen3_vl_core
 
 __all__ = ["Family", "FAMILIES", "family_of", "embq_family_of", "supported_model_types"]
 
@@ -167,8 +172,51 @@ LLAVA_ONEVISION = Family(
     embq_graft=AnyresEmbQGraft,
 )
 
+INTERNVL = Family(
+    name="InternVL",
+    model_types=("internvl",),
+    model_classes=INTERNVL_CLASSES,
+    core=internvl_core,
+    vision_features=(
+        "each tile's (and thumbnail's, each video frame's) vision features, CLS dropped, pixel-shuffled by "
+        "`downsample_ratio`: (num_tiles, (H*r)*(W*r), C/r^2), what `multi_modal_projector` gets"
+    ),
+    projector=PROJECTOR_PATH,
+    placeholders="the processor's `image_seq_length` tokens per tile (and the config's), times each image's tiles",
+    positions="1-D",
+    decoder_layers="language_model.layers",
+    graft_compressor=graft_internvl_compressor,
+    load_compressor=load_internvl_compressor_graft,
+    graft_embq=graft_internvl_embq,
+    compressor_graft=InternVLCompressorGraft,
+    embq_graft=InternVLEmbQGraft,
+)
+
+QWEN3_VL = Family(
+    name="Qwen3-VL",
+    model_types=("qwen3_vl",),
+    model_classes=QWEN3_VL_CLASSES,
+    core=qwen3_vl_core,
+    vision_features=(
+        "as Qwen2-VL's: each image's merged tokens on its own grid; plus the DeepStack features (one merged "
+        "map per `deepstack_visual_indexes` block, split per image), added to the image tokens' hidden states"
+    ),
+    projector=MERGER_PATH,
+    placeholders=(
+        "as Qwen2-VL's: `replace_image_token` from each image's `image_grid_thw` row; "
+        "`_get_num_multimodal_tokens` answers the same from image sizes"
+    ),
+    positions="mRoPE",
+    decoder_layers="language_model.layers",
+    graft_compressor=graft_qwen3_vl_compressor,
+    load_compressor=load_qwen3_vl_compressor_graft,
+    graft_embq=graft_qwen3_vl_embq,
+    compressor_graft=Qwen3VLCompressorGraft,
+    embq_graft=Qwen3VLEmbQGraft,
+)
+
 #: Every supported family, one row each.
-FAMILIES: tuple[Family, ...] = (LLAVA, QWEN2_VL, LLAVA_NEXT, LLAVA_ONEVISION)
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN2_VL, LLAVA_NEXT, LLAVA_ONEVISION, INTERNVL, QWEN3_VL)
 
 
 def supported_model_types() -> list[str]:

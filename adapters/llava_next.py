@@ -87,9 +87,10 @@ def pack_image(
         tile_pixels: the side of one tile in pixels (the vision tower's image size).
         image_newline: (C,), appended after each row of the tiled picture (and after the
             base view of an image without tiles); None appends nothing.
-        max_tiles: LLaVA-OneVision's "anyres_max_N" cap: a cropped picture of more than
-            1.1 * sqrt(N) tiles' worth of tokens (per side, in area) is resized bilinearly
-            down to about N tiles' worth; None (LLaVA-NeXT) never resizes.
+        max_tiles: LLaVA-OneVision's "anyres_max_N" cap: a cropped picture whose side
+            ratio r = sqrt(its tokens / (N * a tile's tokens)) is over 1.1 is resized
+            bilinearly by 1/r per side, to about N tiles' worth; None (LLaVA-NeXT) never
+            resizes.
 
     Returns:
         (tokens, C): the base view's tokens, then the tiled picture cropped to the image's

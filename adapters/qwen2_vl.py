@@ -25,7 +25,8 @@ the one place transformers decides it:
   which also caches `rope_deltas` for the decoding steps, so those follow too).
 
 The class and every other instance are untouched; `remove()` deletes the attributes and
-unwraps the merger.
+unwraps the merger. `graft_merger_compressor` does the work for any family of this layout
+(Qwen3-VL: `qwen3_vl`, whose handle also compresses the DeepStack features).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -49,8 +50,8 @@ from ._qwen2_vl_grids import merged_grid_thw, token_counts
 from ._qwen2_vl_parts import merge_size, merged_dim, qwen2_vl_core
 from ._wrap import WrappedSubmodule, match_wrapped
 
-__all__ = ["Qwen2VLCompressorGraft", "graft_qwen2_vl_compressor", "save_qwen2_vl_compressor_graft",
-           "MERGER_PATH", "RECORD_FORMAT", "RECORD_VERSION"]
+__all__ = ["Qwen2VLCompressorGraft", "graft_qwen2_vl_compressor", "graft_merger_compressor",
+           "save_qwen2_vl_compressor_graft", "MERGER_PATH", "RECORD_FORMAT", "RECORD_VERSION"]
 
 #: Where the patch merger is, from the core (`Qwen2VLModel` / `Qwen2_5_VLModel`).
 MERGER_PATH = "visual.merger"
@@ -94,9 +95,9 @@ class _PlaceholderCheck:
 
 
 def _compressing_image_features(
-    original: Callable[..., Any], core: nn.Module, merger: CompressedPatchMerger
+    original: Callable[..., Any], core: nn.Module, compress: Callable[[Any, torch.Tensor], None]
 ) -> Callable[..., Any]:
-    """`get_image_features` whose per-image `pooler_output` is compressed."""
+    """`get_image_features` whose output `compress(output, image_grid_thw)` compresses in place."""
 
     def get_image_features(
         pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
@@ -105,7 +106,7 @@ def _compressing_image_features(
         return_dict = kwargs.pop("return_dict", None)
         return_dict = core.config.return_dict if return_dict is None else return_dict
         output = original(pixel_values, image_grid_thw, return_dict=True, **kwargs)
-        output.pooler_output = merger.compress_images(output.pooler_output, image_grid_thw)
+        compress(output, image_grid_thw)
         return output if return_dict else output.to_tuple()
 
     return get_image_features
@@ -195,6 +196,12 @@ class Qwen2VLCompressorGraft(WrappingCompressorGraft):
         module: the `CompressedPatchMerger` in place of `visual.merger`.
     """
 
+    #: For messages: the family, and the processor classes it takes.
+    family_name = "Qwen2-VL"
+    processor_names = "Qwen2VLProcessor or Qwen2_5_VLProcessor"
+    #: The format name of its saved record (`_compressor_files`).
+    record_format = RECORD_FORMAT
+
     def __init__(self, model: nn.Module, core: nn.Module, processor: Any | None) -> None:
         super().__init__(model, processor)
         self._core = core
@@ -222,13 +229,18 @@ class Qwen2VLCompressorGraft(WrappingCompressorGraft):
         """Image tokens (and placeholders) per image now; the ungrafted count is t * h * w / m**2."""
         return self.module.token_counts(image_grid_thw).tolist()
 
+    def _compress_image_outputs(self, output: Any, image_grid_thw: torch.Tensor) -> None:
+        """Compress, in place, what the core's `get_image_features` returned: each image's merged tokens."""
+        output.pooler_output = self.module.compress_images(output.pooler_output, image_grid_thw)
+
     # -- install, undo, lift, save ------------------------------------------------------------
     def _install(self) -> None:
         """The placeholder check and the instance attributes (the merger is wrapped already)."""
         merger, core, processor = self.module, self._core, self.processor
         check = self._check = _PlaceholderCheck(core, merger, type(merger.compressor).__name__)
         self._hook = core.register_forward_pre_hook(check, with_kwargs=True)
-        self._override(core, "get_image_features", lambda method: _compressing_image_features(method, core, merger))
+        compress = self._compress_image_outputs
+        self._override(core, "get_image_features", lambda method: _compressing_image_features(method, core, compress))
         self._override(core, "get_rope_index", lambda method: _rope_index_on_compressed_grids(method, merger, check))
         if processor is not None:
             self._override(processor, "replace_image_token", lambda _: _compressed_placeholders(processor, merger))
@@ -250,20 +262,23 @@ class Qwen2VLCompressorGraft(WrappingCompressorGraft):
         save_qwen2_vl_compressor_graft(self, folder)
 
     def __repr__(self) -> str:
+        name = type(self).__name__
         if self._wrapped is None:
-            return "Qwen2VLCompressorGraft(not installed)"
+            return f"{name}(not installed)"
         return (
-            f"Qwen2VLCompressorGraft({type(self.compressor).__name__}, merge_size={self.merge_size}, "
+            f"{name}({type(self.compressor).__name__}, merge_size={self.merge_size}, "
             f"new projector={self.projector is not None}, active={self.active})"
         )
 
 
-def _check_processor(processor: Any, core: nn.Module, merge: int) -> None:
+_MergerGraft = TypeVar("_MergerGraft", bound=Qwen2VLCompressorGraft)
+
+
+def _check_processor(processor: Any, core: nn.Module, merge: int, expected: str) -> None:
     for name in ("replace_image_token", "image_token", "image_processor"):
         if not hasattr(processor, name):
             raise TypeError(
-                f"processor must be a Qwen2VLProcessor or Qwen2_5_VLProcessor (or have its `{name}`), "
-                f"got {type(processor).__name__}"
+                f"processor must be a {expected} (or have its `{name}`), got {type(processor).__name__}"
             )
     processor_merge = getattr(processor.image_processor, "merge_size", None)
     if processor_merge != merge:
@@ -316,16 +331,37 @@ def graft_qwen2_vl_compressor(
         a `Qwen2VLCompressorGraft`: `remove()` undoes everything; `save_pretrained(folder)`
         saves it; `load_compressor_graft` loads it.
     """
-    core = qwen2_vl_core(model, "graft_compressor")
+    return graft_merger_compressor(
+        Qwen2VLCompressorGraft, qwen2_vl_core(model, "graft_compressor"), model, compressor,
+        processor=processor, projector=projector, placement=placement,
+    )
+
+
+def graft_merger_compressor(
+    graft_class: type[_MergerGraft],
+    core: nn.Module,
+    model: nn.Module,
+    compressor: TokenCompressor,
+    *,
+    processor: Any | None,
+    projector: nn.Module | None,
+    placement: str,
+) -> _MergerGraft:
+    """`graft_qwen2_vl_compressor` onto `model` whose core is `core`, with the handle
+    `graft_class`: the checks, the wrapped merger and `graft_class._install()`'s overrides.
+
+    A family whose core has Qwen2-VL's layout (`visual.merger`, `image_grid_thw`, mRoPE
+    from `get_rope_index`) and whose processor has `replace_image_token` uses it.
+    """
     if isinstance(core.get_submodule(MERGER_PATH), CompressedPatchMerger):
         raise ValueError("this model already has a grafted compressor; remove() that graft first")
     if not isinstance(compressor, TokenCompressor):
         raise TypeError(f"compressor must be a TokenCompressor, got {type(compressor).__name__}")
     if placement != "auto":
         raise ValueError(
-            f"placement={placement!r}: on Qwen2-VL the patch merger is part of the vision tower, so the "
-            "compressor always runs on the merged tokens; use placement='auto' (and projector= for a "
-            "compressor that changes the width)"
+            f"placement={placement!r}: on {graft_class.family_name} the patch merger is part of the vision "
+            "tower, so the compressor always runs on the merged tokens; use placement='auto' (and projector= "
+            "for a compressor that changes the width)"
         )
     merge, dim = merge_size(core), merged_dim(core)
     try:
@@ -341,12 +377,12 @@ def graft_qwen2_vl_compressor(
             f"(e.g. nn.Linear({compressed_dim}, {dim})), or use a compressor that keeps the width"
         )
     if processor is not None:
-        _check_processor(processor, core, merge)
+        _check_processor(processor, core, merge, graft_class.processor_names)
 
     base_merger = core.get_submodule(MERGER_PATH)
     match_wrapped(compressor, base_merger)
     match_wrapped(projector, base_merger)
-    graft = Qwen2VLCompressorGraft(model, core, processor)
+    graft = graft_class(model, core, processor)
     try:
         graft._wrapped = WrappedSubmodule.install(
             core, MERGER_PATH, lambda merger: CompressedPatchMerger(merger, compressor, merge, dim, projector)
@@ -362,7 +398,7 @@ def save_qwen2_vl_compressor_graft(graft: Qwen2VLCompressorGraft, folder: str | 
     """Write `graft`'s settings and weights to `folder` (created if needed)."""
     dim = graft.module.dim
     record = {
-        "format": RECORD_FORMAT,
+        "format": graft.record_format,
         "format_version": RECORD_VERSION,
         "model_type": graft._core.config.model_type,
         **compressor_fields(graft.compressor, _PROBE_GRID, dim),

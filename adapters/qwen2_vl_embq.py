@@ -24,7 +24,7 @@ What differs is where the vision features and the image placeholders come from:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from ._qwen2_vl_prompt import expand_image_placeholders
 from .embq import EmbQGraft, graft_embq_onto
 from .prompt import EncodedPrompt, Template, build_prompt, chat_template, pad_prompts
 
-__all__ = ["Qwen2VLEmbQGraft", "graft_qwen2_vl_embq"]
+__all__ = ["Qwen2VLEmbQGraft", "graft_qwen2_vl_embq", "graft_merged_tokens_embq"]
 
 
 class Qwen2VLEmbQGraft(EmbQGraft):
@@ -65,7 +65,7 @@ class Qwen2VLEmbQGraft(EmbQGraft):
         """
         for name in ("max_length", "image_token_id", "num_image_tokens"):
             if name in kwargs:
-                raise TypeError(f"Qwen2VLEmbQGraft.build_prompt takes no {name}= (see its docstring)")
+                raise TypeError(f"{type(self).__name__}.build_prompt takes no {name}= (see its docstring)")
         kwargs.setdefault("image_marker", processor.image_token)
         image_token_id = self._llava.config.image_token_id
         prompt = build_prompt(
@@ -100,7 +100,10 @@ class Qwen2VLEmbQGraft(EmbQGraft):
         return batch
 
     def __repr__(self) -> str:
-        return "Qwen2VL" + super().__repr__()
+        return type(self).__name__.removesuffix("EmbQGraft") + super().__repr__()
+
+
+_Graft = TypeVar("_Graft", bound=Qwen2VLEmbQGraft)
 
 
 def graft_qwen2_vl_embq(
@@ -120,11 +123,22 @@ def graft_qwen2_vl_embq(
     merged visual tokens have it). `tokenizer` should be the processor's tokenizer, so
     that its prompts and the processor's agree on the query tokens.
     """
-    core = qwen2_vl_core(model, "graft_embq")
-    return graft_embq_onto(
-        Qwen2VLEmbQGraft, Qwen2VLCallRouter, model, core, embq,
-        text_dim=text_dim(core), vision_dim=merged_dim(core),
-        vision_input="the width of the merged visual tokens, the patch merger's output",
+    return graft_merged_tokens_embq(
+        Qwen2VLEmbQGraft, qwen2_vl_core(model, "graft_embq"), model, embq,
         layer=layer, tokenizer=tokenizer, num_queries=num_queries,
         query_tokens=query_tokens, dot_token=dot_token, dot_token_id=dot_token_id,
+    )
+
+
+def graft_merged_tokens_embq(
+    graft_class: type[_Graft], core: nn.Module, model: nn.Module, embq: nn.Module, **settings: Any
+) -> _Graft:
+    """`graft_qwen2_vl_embq` onto `model` whose core is `core` (Qwen2-VL's layout: `visual`
+    outputs the merged tokens), with the handle `graft_class`; `settings` are
+    `graft_embq`'s keyword arguments."""
+    return graft_embq_onto(
+        graft_class, Qwen2VLCallRouter, model, core, embq,
+        text_dim=text_dim(core), vision_dim=merged_dim(core),
+        vision_input="the width of the merged visual tokens, the patch merger's output",
+        **settings,
     )

@@ -14,7 +14,7 @@ safetensors are read: no pickle, no code from the folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -22,9 +22,11 @@ from tokencompress import TokenCompressor
 
 from ._compressor_files import load_weights, read_record, saved_compressor
 from ._qwen2_vl_parts import merge_size, merged_dim, qwen2_vl_core
-from .qwen2_vl import RECORD_FORMAT, RECORD_VERSION, Qwen2VLCompressorGraft, graft_qwen2_vl_compressor
+from .qwen2_vl import RECORD_VERSION, Qwen2VLCompressorGraft, graft_merger_compressor
 
-__all__ = ["load_qwen2_vl_compressor_graft"]
+__all__ = ["load_qwen2_vl_compressor_graft", "load_merger_compressor_graft"]
+
+_MergerGraft = TypeVar("_MergerGraft", bound=Qwen2VLCompressorGraft)
 
 
 def load_qwen2_vl_compressor_graft(
@@ -41,10 +43,28 @@ def load_qwen2_vl_compressor_graft(
     `compressor` is given; a graft saved with a new projector needs `projector=`, a module
     of the same architecture, which receives the saved weights.
     """
+    return load_merger_compressor_graft(
+        Qwen2VLCompressorGraft, qwen2_vl_core(model, "load_compressor_graft"), model, folder,
+        processor=processor, compressor=compressor, projector=projector,
+    )
+
+
+def load_merger_compressor_graft(
+    graft_class: type[_MergerGraft],
+    core: nn.Module,
+    model: nn.Module,
+    folder: str | Path,
+    *,
+    processor: Any | None,
+    compressor: TokenCompressor | None,
+    projector: nn.Module | None,
+) -> _MergerGraft:
+    """`load_qwen2_vl_compressor_graft` for a family grafted by `graft_merger_compressor`
+    with the handle `graft_class` (whose `record_format` the folder must hold)."""
     folder = Path(folder)
-    record = read_record(folder, RECORD_FORMAT, RECORD_VERSION, "Qwen2-VL compressor graft",
-                         "a LLaVA compressor graft loads onto a LLaVA model")
-    core = qwen2_vl_core(model, "load_compressor_graft")
+    record = read_record(folder, graft_class.record_format, RECORD_VERSION,
+                         f"{graft_class.family_name} compressor graft",
+                         "a compressor graft loads onto a model of the family it was saved from")
     here = (merge_size(core), merged_dim(core))
     if (record["merge_size"], record["dim"]) != here:
         raise ValueError(
@@ -52,6 +72,8 @@ def load_qwen2_vl_compressor_graft(
             f"this model has {here[0]} and {here[1]}"
         )
     compressor = saved_compressor(record, folder, compressor, projector)
-    graft = graft_qwen2_vl_compressor(model, compressor, processor=processor, projector=projector)
+    graft = graft_merger_compressor(
+        graft_class, core, model, compressor, processor=processor, projector=projector, placement="auto"
+    )
     load_weights(graft, folder)
     return graft

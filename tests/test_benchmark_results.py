@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks import ablation_report, compressors, end_to_end_report
 from tokencompress.cli import _specs, build_parser
-from tokencompress.profile import ProfileResult, compare_markdown, profile_model
+from tokencompress.profile import ProfileResult, compare_markdown, profile_model, savings_markdown
 from tokencompress.profile_presets import PAPER_TFLOPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +28,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "compressors": compressors.render_markdown,
 }
 PROFILE_FILES = sorted(RESULTS.glob("profile*.json"))
+# The models of ours (compressed and not), whose docs tables are `savings_markdown`'s.
+FAMILY_FILES = [RESULTS / f"profile_{name}.json" for name in ("llava_next", "qwen3_vl", "qwen3_vl_1024")]
 
 
 @cache
@@ -116,6 +118,13 @@ def test_the_profile_table_is_the_one_the_results_give() -> None:
     assert "\n".join(tables[0]) == _profile_table([RESULTS / "profile.json"])
 
 
+@pytest.mark.parametrize("path", FAMILY_FILES, ids=_relative)
+def test_the_family_tables_are_the_ones_the_results_give(path: Path) -> None:
+    tables = [table for files, table in _docs_tables() if files == [path]]
+    assert tables, f"docs/benchmarks.md has no table marked with {_relative(path)}"
+    assert "\n".join(tables[0]) == savings_markdown(_profile_results(path))
+
+
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
 # The units the docs use for what the JSON holds: as is, percent of a fraction, ms of
 # seconds, s of ms, G/T of a count, GiB/MiB of bytes.
@@ -146,6 +155,7 @@ def _sources(files: list[Path]) -> tuple[list[float], set[float]]:
     rendered = [path.with_suffix(".md").read_text() for path in files if path.with_suffix(".md").exists()]
     if any(path in PROFILE_FILES for path in files):
         rendered.append(_profile_table(files))
+        rendered.append(savings_markdown([r for p in files if p in PROFILE_FILES for r in _profile_results(p)]))
     shown = {float(number.replace(",", "")) for text in rendered for number in _numbers(text)}
     return values, shown
 
@@ -182,6 +192,12 @@ def test_the_figure_check_catches_a_stale_figure() -> None:
 
 def _prose() -> str:
     return " ".join(DOCS.read_text().split())
+
+
+def _assert_quoted(sentences: list[str]) -> None:
+    prose = _prose()
+    missing = [sentence for sentence in sentences if sentence not in prose]
+    assert not missing, "docs/benchmarks.md does not quote the results:\n" + "\n".join(missing)
 
 
 def _tmacs(path: str, name: str, digits: int = 3) -> str:
@@ -231,9 +247,41 @@ def test_profile_prose_figures_come_from_the_results() -> None:
         f"our estimate is {main['flashsloth'].memory_bytes / 2**30:.2f} GiB",
         f"and {main['llava-1.5-7b'].memory_bytes / 2**30:.2f} GiB",
     ]
-    prose = _prose()
-    missing = [sentence for sentence in expected if sentence not in prose]
-    assert not missing, "docs/benchmarks.md does not quote the results:\n" + "\n".join(missing)
+    _assert_quoted(expected)
+
+
+def test_family_prose_figures_come_from_the_results() -> None:
+    llava = {r.name: r for r in _profile_results(RESULTS / "profile_llava_next.json")}
+    qwen = {r.name: r for r in _profile_results(RESULTS / "profile_qwen3_vl.json")}
+    big = {r.name.split("@")[0]: r for r in _profile_results(RESULTS / "profile_qwen3_vl_1024.json")}
+    tera = lambda macs: f"{macs / 1e12:.3f}"  # noqa: E731
+    giga = lambda macs: f"{macs / 1e9:.1f}"  # noqa: E731
+    llm = lambda r: r.part("LLM prefill").macs + r.part("LM head").macs  # noqa: E731
+    ratio = lambda family, name: f"{family[name.split('/')[0]].macs / family[name].macs:.2f}x"  # noqa: E731
+    base, vision = llava["llava-next-7b"], lambda r: r.part("vision encoder").macs  # noqa: E731
+    expected = [
+        f"the LLM is {llm(base) / base.macs:.0%} of the cost, and a quarter of the tokens is "
+        f"{ratio(llava, 'llava-next-7b/avgpool2')} fewer multiply-adds.",
+        f"Vicuna-7B's prefill of {base.llm_tokens:,} tokens costs {tera(llm(base))} of {tera(base.macs)} TMACs, "
+        f"CLIP on the 5 views {tera(vision(base))}.",
+        f"SAP {llava['llava-next-7b/sap'].part('compressor').macs / 1e9:.1f} GMACs on the 5 views, PixelShuffle's "
+        f"new 4096-wide projector {giga(llava['llava-next-7b/pixelshuffle'].part('projector').macs)} GMACs against the "
+        f"original projector's {giga(llava['llava-next-7b/avgpool2'].part('projector').macs)} on the same 720 tokens "
+        f"({giga(base.part('projector').macs)} uncompressed)",
+        f"At 512x512 its 1,024 patches cost {tera(vision(qwen['qwen3-vl-2b']))} TMACs, "
+        f"{vision(qwen['qwen3-vl-2b']) / qwen['qwen3-vl-2b'].macs:.0%} of Qwen3-VL-2B's "
+        f"{tera(qwen['qwen3-vl-2b'].macs)}; "
+        f"a quarter of the visual tokens then saves {ratio(qwen, 'qwen3-vl-2b/avgpool2')} (2B) and "
+        f"{ratio(qwen, 'qwen3-vl-4b/avgpool2')} (4B).",
+        f"At 1024x1024 the tower's 4,096 patches cost {tera(vision(big['qwen3-vl-2b']))} TMACs, more than the 2B's "
+        f"prefill of {big['qwen3-vl-2b'].llm_tokens:,} tokens ({tera(llm(big['qwen3-vl-2b']))}), and the ratio is "
+        f"{ratio(big, 'qwen3-vl-2b/avgpool2')} (2B) and {ratio(big, 'qwen3-vl-4b/avgpool2')} (4B).",
+    ]
+    _assert_quoted(expected)
+    for family in (llava, qwen, big):  # "within 1% of each other at the same budget"
+        for model in {name.split("/")[0] for name in family}:
+            compressed = [r.macs for name, r in family.items() if name.startswith(model + "/")]
+            assert max(compressed) / min(compressed) < 1.01, f"{model}: compressors no longer within 1%"
 
 
 def _variant(path: str, name: str) -> dict[str, Any]:
@@ -254,6 +302,4 @@ def test_end_to_end_headline_figures_come_from_the_results() -> None:
         f"{small_base['multiply_adds'] / small_fs['multiply_adds']:.1f}x fewer multiply-adds "
         f"({small_fs['multiply_adds'] / 1e9:.1f} vs {small_base['multiply_adds'] / 1e9:.1f} G)",
     ]
-    prose = _prose()
-    missing = [sentence for sentence in expected if sentence not in prose]
-    assert not missing, "docs/benchmarks.md does not quote the results:\n" + "\n".join(missing)
+    _assert_quoted(expected)

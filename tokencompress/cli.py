@@ -3,6 +3,7 @@
     tokencompress profile --preset flashsloth --text-tokens 64 [--json out.json]
     tokencompress profile --preset all                     # one comparison table
     tokencompress profile --preset flashsloth --num-queries 0 6 9 12 15
+    tokencompress profile --preset qwen3-vl --image-size 1024 1024
     python -m tokencompress profile ...
 """
 
@@ -12,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,24 +22,41 @@ __all__ = ["main", "build_parser"]
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+class _WholeNames(argparse.HelpFormatter):
+    """Help text wrapped at spaces only, so that preset names (llava-next-7b/sap) stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokencompress", description="Visual-token compression toolkit.")
     commands = parser.add_subparsers(dest="command", required=True)
     profile = commands.add_parser(
         "profile",
+        formatter_class=_WholeNames,
         help="first-round inference cost (multiply-adds, parameters, memory) of a preset",
         description="Count tokens, parameters, multiply-adds and memory of one first-round "
         "inference (vision encoder to the first answer token), part by part, on the meta device.",
     )
-    # Kept in sync with profile_presets.PRESETS by a test; listed here so --help stays fast.
+    # Kept in sync with profile_presets.PRESETS and PRESET_GROUPS by a test; listed here so
+    # --help stays fast (the presets import transformers).
     profile.add_argument(
         "--preset", nargs="+", default=["flashsloth"], metavar="NAME",
-        help="baseline, avgpool, sap, flashsloth, flashsloth-hd, llava-1.5-7b, or all (default: flashsloth)",
+        help="the paper's baseline, avgpool, sap, flashsloth, flashsloth-hd, llava-1.5-7b, or all of "
+        "these six; llava-next-7b, llava-next-7b/avgpool2, llava-next-7b/sap, llava-next-7b/pixelshuffle, "
+        "or llava-next for the four; qwen3-vl-2b, qwen3-vl-2b/avgpool2, qwen3-vl-2b/sap, "
+        "qwen3-vl-2b/pixelshuffle, qwen3-vl-4b, qwen3-vl-4b/avgpool2, qwen3-vl-4b/sap, "
+        "qwen3-vl-4b/pixelshuffle, or qwen3-vl for the eight (default: flashsloth)",
     )
     profile.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens (default: 64)")
     profile.add_argument(
         "--num-queries", type=int, nargs="+", metavar="N",
         help="EmbQ query counts to profile (flashsloth presets only; 0 = no EmbQ)",
+    )
+    profile.add_argument(
+        "--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+        help="image size in pixels (llava-next and qwen3-vl presets only; default: 672 672 and 512 512)",
     )
     profile.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="inference dtype (default: bf16)")
     profile.add_argument(
@@ -53,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _specs(args: argparse.Namespace) -> list[Any]:
     import torch
 
-    from .profile_presets import PRESETS, preset
+    from .profile_presets import PRESET_GROUPS, preset
 
-    names = list(PRESETS) if "all" in args.preset else args.preset
-    options = [{}] if args.num_queries is None else [{"num_queries": n} for n in args.num_queries]
+    names = [member for name in args.preset for member in PRESET_GROUPS.get(name, (name,))]
+    options: list[dict[str, Any]] = [{}] if args.num_queries is None else [{"num_queries": n} for n in args.num_queries]
+    if args.image_size is not None:
+        options = [{**option, "image_size": tuple(args.image_size)} for option in options]
     dtype = getattr(torch, _DTYPES[args.dtype])
     return [
         dataclasses.replace(
@@ -68,7 +89,7 @@ def _specs(args: argparse.Namespace) -> list[Any]:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from .profile import compare_markdown, profile_model
+    from .profile import compare_markdown, profile_model, savings_markdown
     from .profile_presets import PAPER_TFLOPS
 
     try:
@@ -88,6 +109,9 @@ def _run_profile(args: argparse.Namespace) -> int:
             print()
     if len(results) > 1:
         print(compare_markdown(results, paper))
+        if any(result.name not in paper for result in results):  # models of ours: what compression saves
+            print()
+            print(savings_markdown(results))
     if args.json is not None:
         from .environment import describe_environment
 

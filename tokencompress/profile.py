@@ -8,7 +8,9 @@
 one image) through the vision encoder, the compressor, the projector, EmbQ and the LLM's
 prefill, up to the logits of the first answer token. Each part is built from its config on
 the `meta` device and run once (`profile_meter.measure`), so full-size models cost seconds
-and no weights.
+and no weights. Vision towers: SigLIP and CLIP at their config's size (several views, or
+LLaVA-NeXT's AnyRes views of an image of any size, `anyres`), and Qwen3-VL's ViT with its
+merger and DeepStack mergers at any image size (`profile_qwen3_vl`).
 
 Conventions (see `docs/benchmarks.md`):
 - Multiply-adds (MACs) by `mac_count.MacCounter`'s formulas, the same on every torch
@@ -40,10 +42,13 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, DynamicCache
-from transformers import PretrainedConfig, SiglipVisionConfig, SiglipVisionModel
+from transformers import PretrainedConfig, Qwen3VLVisionConfig, Qwen3VLVisionModel, SiglipVisionConfig
+from transformers import SiglipVisionModel
 
+from . import profile_qwen3_vl
+from .anyres import AnyResLayout, anyres_layout
 from .hf_compat import cache_argument
-from .profile_meter import measure
+from .profile_meter import Measurement, measure
 
 __all__ = [
     "EmbQSpec",
@@ -56,13 +61,16 @@ __all__ = [
     "weight_bytes",
     "vision_layers_run",
     "compare_markdown",
+    "savings_markdown",
 ]
 
-# Vision towers we know how to cut at a hidden layer, by config class.
+# Vision towers we know how to cut at a hidden layer, by config class (ViTs of a fixed size).
 _VISION_MODELS: dict[type[PretrainedConfig], type[nn.Module]] = {
     SiglipVisionConfig: SiglipVisionModel,
     CLIPVisionConfig: CLIPVisionModel,
 }
+# Read at their penultimate layer unless told otherwise, as LLaVA does.
+_DEFAULT_FEATURE_LAYER = -2
 
 
 # -- specification ---------------------------------------------------------------------
@@ -89,16 +97,29 @@ class ProfileSpec:
     """Everything that sets the cost of one first-round inference.
 
     Args:
-        vision_config: a `SiglipVisionConfig` or `CLIPVisionConfig` (full size).
+        vision_config: a `SiglipVisionConfig` or `CLIPVisionConfig` (full size), or a
+            `Qwen3VLVisionConfig` (Qwen3-VL's ViT, merger and DeepStack mergers).
         text_config: the LLM's config (`PhiConfig`, `LlamaConfig`, `Qwen2Config`, ...).
         text_tokens: prompt tokens besides the visual and query tokens.
-        num_images: images (or tiles) encoded for the sample, each at the config's size.
-        vision_feature_layer: index into the encoder's hidden states, as in LLaVA (-2 is
-            the penultimate layer's output); layers after it are not run.
+        num_images: images (or tiles) encoded for the sample, each at the config's size
+            (Qwen3-VL: each of `image_size`); 1 with `grid_pinpoints`.
+        vision_feature_layer: index into a SigLIP/CLIP encoder's hidden states, as in
+            LLaVA (-2 is the penultimate layer's output); layers after it are not run.
+            None: -2. Qwen3-VL runs its whole tower and takes None only.
         vision_feature_select: "patch" drops a CLS token (LLaVA's "default"); "full" keeps it.
-        compressor: a `TokenCompressor` applied per image to the patch grid, or None.
+        image_size: the image's (height, width) in pixels, for the towers that take any
+            size: Qwen3-VL (each side a multiple of 32), and AnyRes (with `grid_pinpoints`).
+            None for SigLIP/CLIP at their config's size.
+        grid_pinpoints: LLaVA-NeXT's AnyRes resolutions ((height, width) pixels, multiples
+            of the tower's image size): the tower encodes the base view and the tiles of
+            `image_size`, and the LLM gets their AnyRes layout (`anyres.anyres_layout`) on
+            the compressor's output grid, one `image_newline` token per row included.
+        compressor: a `TokenCompressor` applied per image (view) to the patch grid
+            (Qwen3-VL: to the merged grid, and to each DeepStack level, so that what the
+            LLM adds at the visual positions sits on the same kept grid), or None.
         projector: "mlp{N}x_gelu", "linear", "identity", or a module mapping the
-            compressor's output width to the LLM's width.
+            compressor's output width to the LLM's width (Qwen3-VL's merger is part of
+            the tower: "identity", or a new projector after a compressor that widens).
         embq: an `EmbQSpec`, or None.
         dtype: the inference dtype: weights, activations and KV cache.
         lm_head_positions: "last" (what `generate` computes on prefill) or "all".
@@ -110,8 +131,10 @@ class ProfileSpec:
     text_config: PretrainedConfig
     text_tokens: int = 64
     num_images: int = 1
-    vision_feature_layer: int = -2
+    vision_feature_layer: int | None = None
     vision_feature_select: Literal["patch", "full"] = "patch"
+    image_size: tuple[int, int] | None = None
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
     compressor: nn.Module | None = None
     projector: str | nn.Module = "mlp2x_gelu"
     embq: EmbQSpec | None = None
@@ -121,8 +144,8 @@ class ProfileSpec:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        if type(self.vision_config) not in _VISION_MODELS:
-            known = ", ".join(cls.__name__ for cls in _VISION_MODELS)
+        if type(self.vision_config) not in (*_VISION_MODELS, Qwen3VLVisionConfig):
+            known = ", ".join(cls.__name__ for cls in (*_VISION_MODELS, Qwen3VLVisionConfig))
             raise TypeError(f"vision_config must be one of {known}, got {type(self.vision_config).__name__}")
         _check_int("text_tokens", self.text_tokens, minimum=0)
         _check_int("num_images", self.num_images, minimum=1)
@@ -139,7 +162,58 @@ class ProfileSpec:
                         f"embq.instruction_tokens={self.embq.instruction_tokens} exceeds "
                         f"text_tokens={self.text_tokens}; the instruction is part of the text"
                     )
-        vision_layers_run(self.vision_config.num_hidden_layers, self.vision_feature_layer)
+        if isinstance(self.vision_config, Qwen3VLVisionConfig):
+            self._check_qwen3_vl()
+        else:
+            self._check_vit()
+
+    def _check_qwen3_vl(self) -> None:
+        if self.vision_feature_layer is not None:
+            raise ValueError(
+                f"vision_feature_layer={self.vision_feature_layer}: Qwen3-VL's tower runs all its layers "
+                "(its merger reads the last one); leave vision_feature_layer at None"
+            )
+        if self.grid_pinpoints is not None:
+            raise ValueError("grid_pinpoints (AnyRes) is for SigLIP/CLIP towers; Qwen3-VL takes the image's own size")
+        if self.image_size is None:
+            raise ValueError("a Qwen3-VL tower needs image_size=(height, width) in pixels")
+        profile_qwen3_vl.patch_grid(self.vision_config, self.image_size)  # raises on a bad size
+
+    def _check_vit(self) -> None:
+        vision_layers_run(self.vision_config.num_hidden_layers, self.feature_layer)
+        if self.grid_pinpoints is None:
+            if self.image_size is not None:
+                raise ValueError(
+                    f"image_size={self.image_size}: a {type(self.vision_config).__name__} tower runs at its "
+                    f"config's image_size ({self.vision_config.image_size}); image_size is for AnyRes "
+                    "(with grid_pinpoints) or Qwen3-VL"
+                )
+            return
+        if self.image_size is None:
+            raise ValueError("grid_pinpoints (AnyRes) needs the image's image_size=(height, width) in pixels")
+        if self.num_images != 1:
+            raise ValueError(f"num_images={self.num_images}: with grid_pinpoints the views come from the layout; use 1")
+        self.layout()  # raises on a bad size or pinpoints
+
+    @property
+    def feature_layer(self) -> int:
+        """The hidden layer a SigLIP/CLIP tower is read at (`vision_feature_layer`, or -2)."""
+        return _DEFAULT_FEATURE_LAYER if self.vision_feature_layer is None else self.vision_feature_layer
+
+    @property
+    def views(self) -> int:
+        """Images the vision tower encodes for the sample: AnyRes's base view and tiles, or `num_images`."""
+        layout = self.layout()
+        return self.num_images if layout is None else layout.views
+
+    def layout(self, tile_grid: tuple[int, int] | None = None) -> AnyResLayout | None:
+        """The AnyRes layout of `image_size` for views of `tile_grid` tokens (default: the
+        tower's patch grid); None without `grid_pinpoints`."""
+        if self.grid_pinpoints is None:
+            return None
+        tile = self.vision_config.image_size
+        grid = tile_grid or (tile // self.vision_config.patch_size,) * 2
+        return anyres_layout(self.image_size, self.grid_pinpoints, tile, grid)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -286,6 +360,33 @@ def compare_markdown(results: Sequence[ProfileResult], paper_tmacs: dict[str, fl
     return "\n".join(_markdown_table(columns, rows))
 
 
+def savings_markdown(results: Sequence[ProfileResult]) -> str:
+    """One row per result, with its multiply-adds split into vision encoder and LLM, and its
+    MACs ratio: its uncompressed model's multiply-adds over its own. A result's uncompressed
+    model is the result of `results` without a compressor that has the same vision encoder
+    (tokens, parameters, multiply-adds) and the same LLM parameters; no ratio without one."""
+    columns = ["model", "visual tokens", "LLM tokens", "vision TMACs", "LLM TMACs", "TMACs", "MACs ratio",
+               "params (B)", "KV cache (MiB)", "memory (GiB)"]
+    uncompressed = {_backbone(r): r for r in results if all(part.name != "compressor" for part in r.parts)}
+    rows = []
+    for result in results:
+        reference = uncompressed.get(_backbone(result))
+        llm = sum(part.macs for part in result.parts if part.name in ("LLM prefill", "LM head"))
+        rows.append([
+            result.name, str(result.visual_tokens), str(result.llm_tokens),
+            f"{result.part('vision encoder').macs / 1e12:.3f}", f"{llm / 1e12:.3f}", f"{result.macs / 1e12:.3f}",
+            "" if reference is None else f"{reference.macs / result.macs:.2f}x",
+            f"{result.params / 1e9:.3f}", _mib(result.kv_cache_bytes), f"{result.memory_bytes / 2**30:.2f}",
+        ])
+    return "\n".join(_markdown_table(columns, rows))
+
+
+def _backbone(result: ProfileResult) -> tuple[int, ...]:
+    """What a compressor leaves as it is: the vision encoder's run and the LLM's size."""
+    vision, llm = result.part("vision encoder"), result.part("LLM prefill")
+    return vision.tokens_in, vision.params, vision.macs, llm.params
+
+
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.1f}" if nbytes else "0"
 
@@ -428,32 +529,75 @@ class _VisionTrunk(nn.Module):
 
 @dataclass(frozen=True)
 class _VisionFeatures:
-    raw: torch.Tensor  # (num_images, tokens, dim): what the compressor and EmbQ read
+    raw: torch.Tensor  # (views, tokens, dim): what the compressor and EmbQ read
     grid: tuple[int, int]
+    # Qwen3-VL's DeepStack features, each shaped as `raw`: they go through the compressor
+    # and the projector with it (the LLM adds them at the visual positions).
+    deepstack: tuple[torch.Tensor, ...] = ()
 
 
 def _profile_vision(spec: ProfileSpec) -> tuple[PartProfile, _VisionFeatures]:
+    if isinstance(spec.vision_config, Qwen3VLVisionConfig):
+        return _profile_qwen3_vl_vision(spec)
+    return _profile_vit(spec)
+
+
+def _measured_part(
+    name: str, tokens_in: int, tokens_out: int, params: int, cost: Measurement, dtype: torch.dtype, note: str
+) -> PartProfile:
+    """A part that holds no cache: its measured multiply-adds and peak, its weights in `dtype`."""
+    return PartProfile(
+        name=name,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        params=params,
+        macs=cost.macs,
+        weight_bytes=weight_bytes(params, dtype),
+        peak_activation_bytes=cost.peak_bytes,
+        note=note,
+    )
+
+
+def _profile_vit(spec: ProfileSpec) -> tuple[PartProfile, _VisionFeatures]:
+    """A SigLIP/CLIP tower up to its feature layer, on every view of the sample."""
     config = spec.vision_config
-    layers = vision_layers_run(config.num_hidden_layers, spec.vision_feature_layer)
+    layers = vision_layers_run(config.num_hidden_layers, spec.feature_layer)
     config = _with_attention(config, spec.attn_implementation, num_hidden_layers=layers)
     trunk = _VisionTrunk(_build_on_meta(lambda: _VISION_MODELS[type(config)](config), spec.dtype))
-    pixels = _meta_tensor(spec.num_images, config.num_channels, config.image_size, config.image_size, dtype=spec.dtype)
+    views = spec.views
+    pixels = _meta_tensor(views, config.num_channels, config.image_size, config.image_size, dtype=spec.dtype)
     hidden, cost = measure(trunk, pixels)
     side = config.image_size // config.patch_size
     if trunk.has_cls_token and spec.vision_feature_select == "patch":
         hidden = hidden[:, 1:]
-    params = _count_params([trunk])
-    part = PartProfile(
-        name="vision encoder",
-        tokens_in=spec.num_images * trunk.embeddings.num_positions,
-        tokens_out=spec.num_images * hidden.shape[1],
-        params=params,
-        macs=cost.macs,
-        weight_bytes=weight_bytes(params, spec.dtype),
-        peak_activation_bytes=cost.peak_bytes,
-        note=f"{spec.num_images} x {layers}/{spec.vision_config.num_hidden_layers} layers",
-    )
+    note = f"{views} x {layers}/{spec.vision_config.num_hidden_layers} layers"
+    if spec.grid_pinpoints is not None:
+        layout = spec.layout()
+        note += f" (base view + {layout.tiles[0]}x{layout.tiles[1]} tiles of a {_size(spec.image_size)} px image)"
+    part = _measured_part("vision encoder", views * trunk.embeddings.num_positions, views * hidden.shape[1],
+                          _count_params([trunk]), cost, spec.dtype, note)
     return part, _VisionFeatures(raw=hidden, grid=(side, side))
+
+
+def _profile_qwen3_vl_vision(spec: ProfileSpec) -> tuple[PartProfile, _VisionFeatures]:
+    """Qwen3-VL's whole tower (ViT, merger, DeepStack mergers) on `image_size` images."""
+    config = _with_attention(spec.vision_config, spec.attn_implementation)
+    tower = _build_on_meta(lambda: Qwen3VLVisionModel(config), spec.dtype)
+    pixels, grid_thw = profile_qwen3_vl.vision_inputs(config, spec.image_size, spec.num_images, spec.dtype)
+    run = profile_qwen3_vl.run_vision(tower, pixels, grid_thw)
+    height, width = profile_qwen3_vl.patch_grid(config, spec.image_size)
+    note = (
+        f"{spec.num_images} x {config.depth} layers + merger + {len(run.deepstack)} DeepStack mergers; "
+        f"{_size(spec.image_size)} px, {height}x{width} patches"
+    )
+    part = _measured_part("vision encoder", pixels.shape[0], run.merged.shape[0] * run.merged.shape[1],
+                          _count_params([tower]), run.cost, spec.dtype, note)
+    grid = profile_qwen3_vl.merged_grid(config, spec.image_size)
+    return part, _VisionFeatures(raw=run.merged, grid=grid, deepstack=run.deepstack)
+
+
+def _size(image_size: tuple[int, int]) -> str:
+    return f"{image_size[0]}x{image_size[1]}"
 
 
 def _profile_module(
@@ -462,18 +606,26 @@ def _profile_module(
     """Run a small module (compressor, projector, EmbQ) on meta and describe its cost."""
     out, cost = measure(_on_meta(module, dtype), *inputs)
     tokens = out[0] if isinstance(out, tuple) else out
-    params = _count_params([module])
-    part = PartProfile(
-        name=name,
-        tokens_in=sum(t.shape[0] * t.shape[1] for t in inputs if isinstance(t, torch.Tensor)),
-        tokens_out=tokens.shape[0] * tokens.shape[1],
-        params=params,
-        macs=cost.macs,
-        weight_bytes=weight_bytes(params, dtype),
-        peak_activation_bytes=cost.peak_bytes,
-        note=note,
-    )
+    tokens_in = sum(t.shape[0] * t.shape[1] for t in inputs if isinstance(t, torch.Tensor))
+    tokens_out = tokens.shape[0] * tokens.shape[1]
+    part = _measured_part(name, tokens_in, tokens_out, _count_params([module]), cost, dtype, note)
     return part, tokens
+
+
+def _layout_part(layout: AnyResLayout, tokens_in: int, text_dim: int, dtype: torch.dtype) -> PartProfile:
+    """LLaVA-NeXT's packing of the projected views: no multiply-adds; one learned
+    `image_newline` vector of the LLM's width."""
+    (rows, cols), (height, width) = layout.tiles, layout.picture
+    return PartProfile(
+        name="AnyRes layout",
+        tokens_in=tokens_in,
+        tokens_out=layout.tokens,
+        params=text_dim,
+        macs=0,
+        weight_bytes=weight_bytes(text_dim, dtype),
+        note=f"base view {layout.tile_grid[0]}x{layout.tile_grid[1]} + {rows}x{cols} tiles joined and unpadded "
+        f"to {height}x{width}, + {layout.newlines} newline tokens",
+    )
 
 
 def _profile_llm(spec: ProfileSpec, sequence: int) -> list[PartProfile]:
@@ -504,17 +656,9 @@ def _profile_llm(spec: ProfileSpec, sequence: int) -> list[PartProfile]:
     positions = 1 if spec.lm_head_positions == "last" else sequence
     _, head_cost = measure(head, hidden.last_hidden_state[:, -positions:])
     head_params = _count_params([head], exclude=frozenset(id(p) for p in decoder.parameters()))
-    lm_head = PartProfile(
-        name="LM head",
-        tokens_in=positions,
-        tokens_out=positions,
-        params=head_params,
-        macs=head_cost.macs,
-        weight_bytes=weight_bytes(head_params, spec.dtype),
-        peak_activation_bytes=head_cost.peak_bytes,
-        note=("last position" if positions == 1 else f"all {positions} positions")
-        + ("; tied to the embedding table" if head_params == 0 else ""),
-    )
+    note = ("last position" if positions == 1 else f"all {positions} positions") + (
+        "; tied to the embedding table" if head_params == 0 else "")
+    lm_head = _measured_part("LM head", positions, positions, head_params, head_cost, spec.dtype, note)
     return [llm, lm_head]
 
 
@@ -524,17 +668,23 @@ def profile_model(spec: ProfileSpec) -> ProfileResult:
     vision_part, features = _profile_vision(spec)
     parts = [vision_part]
 
-    tokens, grid = features.raw, features.grid
+    # Qwen3-VL's DeepStack levels go through the compressor and the projector with the
+    # merged tokens, stacked after them as more images.
+    levels = 1 + len(features.deepstack)
+    tokens = torch.cat((features.raw, *features.deepstack)) if levels > 1 else features.raw
+    deepstack = f"; also on the {levels - 1} DeepStack levels" if levels > 1 else ""
+    grid = out_grid = features.grid
     if spec.compressor is not None:
         if tokens.shape[1] != grid[0] * grid[1]:
             raise ValueError("a compressor needs patch tokens on a grid; use vision_feature_select='patch'")
         part, tokens = _profile_module(
             "compressor", spec.compressor, spec.dtype, tokens, grid,
-            note=f"{type(spec.compressor).__name__}, per image",
+            note=f"{type(spec.compressor).__name__}, per image{deepstack}",
         )
         parts.append(part)
-    # One sample: the images' tokens side by side in one sequence.
-    tokens = tokens.reshape(1, -1, tokens.shape[-1])
+        out_grid = tuple(spec.compressor.out_grid(grid))
+    # One sample: the images' tokens side by side in one sequence (one per DeepStack level).
+    tokens = tokens.reshape(levels, -1, tokens.shape[-1])
     visual_tokens = tokens.shape[1]
 
     projector = spec.projector
@@ -543,9 +693,14 @@ def profile_model(spec: ProfileSpec) -> ProfileResult:
         projector = _build_on_meta(lambda: build_projector(kind, tokens.shape[-1], text_dim), spec.dtype)
     part, _ = _profile_module(
         "projector", projector, spec.dtype, tokens,
-        note=spec.projector if isinstance(spec.projector, str) else type(projector).__name__,
+        note=(spec.projector if isinstance(spec.projector, str) else type(projector).__name__) + deepstack,
     )
     parts.append(part)
+
+    layout = spec.layout(out_grid)
+    if layout is not None:
+        parts.append(_layout_part(layout, visual_tokens, text_dim, spec.dtype))
+        visual_tokens = layout.tokens
 
     query_tokens = 0
     if spec.embq is not None:

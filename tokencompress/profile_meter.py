@@ -14,6 +14,10 @@ and needs no weights. Two things are read off the pass:
   materialises the (heads, L, L) score matrix; `FusedAttentionOnMeta` reroutes it to the
   fused CPU flash kernel's meta function, which allocates only the output, so the peak is
   what a fused kernel (flash-attn, PyTorch's flash/efficient SDPA) needs.
+
+A model that computes index tensors on the CPU from real sizes (Qwen3-VL's vision tower,
+from `grid_thw`) runs under `CpuOperandsOnMeta`, which moves such tensors to `meta` where
+they meet meta activations.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .mac_count import MacCounter
 
-__all__ = ["Measurement", "LiveBytesTracker", "FusedAttentionOnMeta", "measure"]
+__all__ = ["Measurement", "LiveBytesTracker", "FusedAttentionOnMeta", "CpuOperandsOnMeta", "measure"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,31 @@ def _flash_attention_meta(
         query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
     )
     return output
+
+
+class CpuOperandsOnMeta(TorchDispatchMode):
+    """Move CPU tensors to `meta` in any op that also takes a meta tensor.
+
+    Some models compute small tensors from real sizes on the CPU (positions, interpolation
+    weights), where indexing and `.tolist()` need values, and then combine them with the
+    activations; with meta activations torch refuses the mix ("Tensor on device cpu is not
+    on the expected device meta"). On meta only shapes matter, so the CPU operand can go
+    there as it is. Ops on CPU tensors alone still run on the CPU, with real values.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        if any(t.device.type == "meta" for t in tensors) and any(t.device.type == "cpu" for t in tensors):
+            args, kwargs = tree_map(_cpu_to_meta, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _cpu_to_meta(leaf: Any) -> Any:
+    # A 0-dim CPU tensor may meet any device (torch treats it as a scalar): left as it is.
+    if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" and leaf.dim() > 0:
+        return leaf.to("meta")
+    return leaf
 
 
 def _storage_bytes(tensors: tuple[Any, ...]) -> int:

@@ -17,6 +17,7 @@ from tests.adapters.tiny_internvl import build_tiny_internvl
 from tests.adapters.tiny_llava_next import build_tiny_llava_next
 from tests.adapters.tiny_llava_onevision import build_tiny_llava_onevision
 from tests.adapters.tiny_qwen2_vl import TEXT_WIDTH, build_tiny_qwen2_vl
+from tests.adapters.tiny_qwen3_vl import build_tiny_qwen3_vl
 from tokencompress import AvgPool, EmbQ
 from tokencompress.adapters import FAMILIES, graft_compressor, graft_embq, supported_model_types
 from tokencompress.adapters._embq_layers import EmbQDecoderLayer
@@ -30,12 +31,14 @@ def _tiny(model_type: str) -> tuple[nn.Module, object, EmbQ]:
         "llava": lambda: build_tiny_llava("qwen2", "siglip"),
         "llava_next": build_tiny_llava_next,
         "llava_onevision": build_tiny_llava_onevision,
-        "internvl": build_tiny_internvl,  # no EmbQ graft yet: the EmbQ is not used
+        "internvl": build_tiny_internvl,
     }
     if model_type in llava_like:
         model, processor = llava_like[model_type]()
-        return model, processor, EmbQ(TINY["text_hidden"], TINY["vision_hidden"], inner_dim=16, num_heads=2)
-    model, processor = build_tiny_qwen2_vl(model_type)
+        # InternVL's EmbQ reads the pixel-shuffled tile features the projector takes: 4x the tower's width
+        vision_dim = TINY["vision_hidden"] * (4 if model_type == "internvl" else 1)
+        return model, processor, EmbQ(TINY["text_hidden"], vision_dim, inner_dim=16, num_heads=2)
+    model, processor = build_tiny_qwen3_vl() if model_type == "qwen3_vl" else build_tiny_qwen2_vl(model_type)
     return model, processor, EmbQ(TEXT_WIDTH, TEXT_WIDTH, inner_dim=16, num_heads=2)
 
 
@@ -63,7 +66,7 @@ def test_each_row_names_where_its_grafts_act(model_type: str) -> None:
 def test_model_types_are_covered_once() -> None:
     types = supported_model_types()
     assert len(types) == len(set(types))
-    assert {"llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "internvl"} <= set(types)
+    assert {"llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "internvl", "qwen3_vl"} <= set(types)
     assert all(family.positions in ("1-D", "mRoPE") for family in FAMILIES)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from tests.adapters.tiny_internvl import IMAGE_TOKEN, TILE, build_tiny_internvl
 from tests.adapters.tiny_llava_next import inputs_for, make_image
-from tokencompress import SAP, AvgPool, PixelShuffle
+from tokencompress import SAP, AvgPool, EmbQ, PixelShuffle
 from tokencompress.adapters import graft_compressor, graft_embq
 from tokencompress.adapters.internvl import shuffled_sizes
 
@@ -75,5 +75,6 @@ def test_bad_grafts_are_refused_with_the_reason() -> None:
     model.config.vision_feature_select_strategy = "full"
     with pytest.raises(ValueError, match="vision_feature_select_strategy 'default'"):
         graft_compressor(model, AvgPool(2))
-    with pytest.raises(TypeError, match="does not support InternVL models yet"):
-        graft_embq(model, nn.Linear(1, 1), layer=1, tokenizer=processor.tokenizer)
+    # EmbQ reads the pixel-shuffled tile features: its vision width must be the projector's input width
+    with pytest.raises(ValueError, match=f"embq.vision_dim is 32, but this model needs {WIDTH}"):
+        graft_embq(model, EmbQ(64, 32, inner_dim=16, num_heads=2), layer=1, tokenizer=processor.tokenizer)

@@ -25,7 +25,7 @@ from tokencompress.profile import (
     weight_bytes,
 )
 from tokencompress.profile_meter import LiveBytesTracker, measure
-from tokencompress.profile_presets import PAPER_TFLOPS, PRESETS, phi_2, preset, siglip_so400m_384
+from tokencompress.profile_presets import PAPER_TFLOPS, PRESET_GROUPS, PRESETS, phi_2, preset, siglip_so400m_384
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +355,7 @@ def test_cli_help_lists_every_preset(capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["profile", "--help"])
     help_text = capsys.readouterr().out
-    assert all(name in help_text for name in PRESETS)
+    assert all(name in help_text for name in [*PRESETS, *PRESET_GROUPS])
 
 
 def test_live_bytes_count_new_dense_storages_once_and_skip_sparse_results() -> None:
