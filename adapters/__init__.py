@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names, from where they are 
     from .qwen2_vl import Qwen2VLCompressorGraft, graft_qwen2_vl_compressor  # noqa: F401
     from .qwen2_vl_embq import Qwen2VLEmbQGraft, graft_qwen2_vl_embq  # noqa: F401
     from .llava_next import LlavaNextCompressorGraft, graft_llava_next_compressor  # noqa: F401
+    from .fastv import FastVGraft, graft_fastv  # noqa: F401
 
 #: Public name -> the module of this package that defines it.
 _EXPORTS: dict[str, str] = {
@@ -57,6 +58,9 @@ _EXPORTS: dict[str, str] = {
     "graft_qwen2_vl_embq": "qwen2_vl_embq",
     "LlavaNextCompressorGraft": "llava_next",
     "graft_llava_next_compressor": "llava_next",
+    # FastV: image tokens pruned inside the LLM, for every family whose layers it can follow
+    "FastVGraft": "fastv",
+    "graft_fastv": "fastv",
 }
 
 __all__ = list(_EXPORTS)

@@ -21,6 +21,7 @@ from tokencompress.base import Grid, TokenCompressor
 from ._compressor_files import load_weights, read_record, saved_compressor, write_files
 from ._compressor_handle import WrappingCompressorGraft
 from ._llava_parts import PROJECTOR_PATH, projector_widths, vision_grid
+from ._selecting import refuse_selection
 from ._wrap import WrappedSubmodule, match_wrapped
 from .compressor_graft import CompressedProjector, Placement, check_projector_graft_record, projector_graft_record
 from .compressor_graft import resolve_placement
@@ -43,6 +44,8 @@ class ProjectorCompressorGraft(WrappingCompressorGraft):
     family = "LLaVA-style"
     record_format = ""
     record_version = 1
+    #: Why the family cannot take a selecting compressor (`_selecting`), or None if it can.
+    refuses_selection: str | None = None
 
     def __init__(self, model: nn.Module, core: nn.Module, processor: Any | None, grid: Grid, out_grid: Grid) -> None:
         super().__init__(model, processor)
@@ -122,6 +125,7 @@ def graft_projector_compressor(
             f"(grid {grid[0]}x{grid[1]}, width {vision_dim}): {error}"
         ) from error
     resolved = resolve_placement(placement, compressed_dim, vision_dim, text_dim, projector is not None)
+    refuse_selection(compressor, graft_class.family, selection=graft_class.refuses_selection, scores=False)
     graft_class.check_fit(core, processor, grid, out_grid)
 
     base_projector = core.get_submodule(PROJECTOR_PATH)

@@ -69,13 +69,22 @@ class CompressedPatchMerger(BaseLayerWrapper):
         self, images: Sequence[torch.Tensor], image_grid_thw: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         """Each image's merged tokens (t * h/m * w/m, dim) -> its compressed tokens (t * H' * W', dim)."""
+        return self.compress_images_keeping(images, image_grid_thw)[0]
+
+    def compress_images_keeping(
+        self, images: Sequence[torch.Tensor], image_grid_thw: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+        """`compress_images`, and for a selecting compressor each image's kept positions
+        (t, K): indices into each frame's row-major merged grid (None for other compressors)."""
         merged = merged_grid_thw(image_grid_thw, self.merge_size)
         if len(images) != merged.shape[0]:
             raise ValueError(f"got the merged tokens of {len(images)} images for {merged.shape[0]} grids")
         groups: dict[tuple[int, int, int], list[int]] = {}
         for index, grid in enumerate(merged.tolist()):
             groups.setdefault(tuple(grid), []).append(index)
-        compressed: list[torch.Tensor | None] = [None] * len(images)  # every slot is filled below
+        # Every slot is filled below.
+        compressed: list[torch.Tensor | None] = [None] * len(images)
+        kept: list[torch.Tensor | None] = [None] * len(images)
         for (frames, height, width), members in groups.items():
             stacked = torch.stack([images[index] for index in members])
             if stacked.dim() != 3 or stacked.shape[1] != frames * height * width:
@@ -84,14 +93,21 @@ class CompressedPatchMerger(BaseLayerWrapper):
                     f"{frames * height * width} merged tokens, got a tensor of shape {tuple(stacked.shape[1:])}"
                 )
             frames_as_rows = stacked.reshape(len(members) * frames, height * width, stacked.shape[-1])
-            tokens = self._compress(frames_as_rows, (height, width)).reshape(len(members), -1, self.dim)
+            tokens, positions = self._compress(frames_as_rows, (height, width))
+            tokens = tokens.reshape(len(members), -1, self.dim)
             for row, index in enumerate(members):
                 compressed[index] = tokens[row]
-        return tuple(compressed)  # type: ignore[arg-type]
+                if positions is not None:
+                    kept[index] = positions.reshape(len(members), frames, -1)[row]
+        selects = self.compressor.selects_tokens
+        return tuple(compressed), (tuple(kept) if selects else None)  # type: ignore[arg-type]
 
-    def _compress(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        out = self.compressor(x, grid)
-        tokens = out[0] if isinstance(out, tuple) else out
+    def _compress(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.compressor.selects_tokens:
+            tokens, positions = self.compressor(x, grid, return_positions=True)
+        else:
+            out = self.compressor(x, grid)
+            tokens, positions = (out[0] if isinstance(out, tuple) else out), None
         if self.projector is not None:
             tokens = self.projector(tokens)
         if tokens.shape[-1] != self.dim:
@@ -99,7 +115,7 @@ class CompressedPatchMerger(BaseLayerWrapper):
                 f"the grafted compressor gives tokens of width {tokens.shape[-1]}, but the language "
                 f"model takes the merger's width {self.dim}"
             )
-        return tokens
+        return tokens, positions
 
     def extra_repr(self) -> str:
         return f"merge_size={self.merge_size}, dim={self.dim}"

@@ -14,6 +14,7 @@ the language model, generation with a KV cache) is transformers' own code.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,9 @@ from tokencompress.base import Grid, TokenCompressor, as_grid
 
 from ._compressor_files import compressor_fields, write_files
 from ._image_tokens import processor_image_token_count, set_processor_image_token_count
+from ._instance_override import InstanceOverride
 from ._llava_parts import llava_core, projector_path, projector_widths, vision_grid
+from ._vision_attention import current_scores, feature_layer_index, scores_for_call
 from ._wrap import WrappedSubmodule, match_wrapped, refuse_other_wrappers
 
 __all__ = ["CompressedProjector", "CompressorGraft", "Placement", "RECORD_FORMAT", "RECORD_VERSION",
@@ -77,7 +80,17 @@ class CompressedProjector(nn.Module):
                 f"grid {height}x{width}; a vision tower with a CLS token needs "
                 "vision_feature_select_strategy='default', which drops it"
             )
-        out = self.compressor(image_features, self.grid)
+        if self.compressor.needs_attention_scores:
+            scores = current_scores()
+            if scores is None:
+                raise RuntimeError(
+                    f"{type(self.compressor).__name__} needs the attention each vision token receives, which "
+                    "the graft computes inside get_image_features; call the model (or get_image_features), "
+                    "not the projector alone"
+                )
+            out = self.compressor(image_features, self.grid, attention_scores=scores)
+        else:
+            out = self.compressor(image_features, self.grid)
         tokens = out[0] if isinstance(out, tuple) else out
         if self.placement == "before_projector":
             tokens = (self.projector if self.projector is not None else self.base_layer)(tokens)
@@ -142,6 +155,7 @@ class CompressorGraft:
         processor: LlavaProcessor | None,
         hook: RemovableHandle,
         check: _PlaceholderCheck | None = None,
+        scoring: InstanceOverride | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -149,6 +163,7 @@ class CompressorGraft:
         self._wrapped = wrapped
         self._hook = hook
         self._check = check  # the hook's function, switched off while lifted
+        self._scoring = scoring  # get_image_features that scores the vision tokens, if the compressor needs it
         self.module: CompressedProjector = wrapped.wrapper  # type: ignore[assignment]
         # What the graft changes, as it was: restored by remove().
         self._original_image_seq_length = config.image_seq_length
@@ -188,8 +203,12 @@ class CompressorGraft:
     # -- undo -------------------------------------------------------------------------
     def remove(self) -> None:
         """Put back the original projector, the config's and the processor's token count."""
+        if self._scoring is not None:
+            self._scoring.check_removable()  # before anything changes
         self._wrapped.remove()  # raises if already removed, before anything else changes
         self._hook.remove()
+        if self._scoring is not None:
+            self._scoring.remove()
         self._restore_counts()
 
     def _restore_counts(self) -> None:
@@ -343,6 +362,8 @@ def graft_llava_compressor(
             f"(grid {grid[0]}x{grid[1]}, width {vision_dim}): {error}"
         ) from error
     resolved = resolve_placement(placement, compressed_dim, vision_dim, text_dim, projector is not None)
+    if compressor.needs_attention_scores:
+        _scoring_layer(llava)  # a ValueError, before anything changes, where no layer can be scored
 
     if processor is not None:
         image_size = (config.vision_config.image_size,) * 2
@@ -365,13 +386,50 @@ def graft_llava_compressor(
     )
     check = _PlaceholderCheck(llava, num_image_tokens, grid[0] * grid[1], type(compressor).__name__)
     hook = llava.register_forward_pre_hook(check, with_kwargs=True)
-    graft = CompressorGraft(model, config, wrapped, processor, hook, check)
+    scoring = _install_scoring(llava) if compressor.needs_attention_scores else None
+    graft = CompressorGraft(model, config, wrapped, processor, hook, check, scoring)
     try:
         graft._apply_counts()
     except Exception:
         graft.remove()  # all or nothing: no half-grafted model
         raise
     return graft
+
+
+def _scoring_layer(llava: LlavaModel) -> tuple[nn.Module, bool]:
+    """The vision encoder layer whose output is the selected features, and whether the
+    tower has a CLS token (LLaVA's "default" strategy drops it from the features)."""
+    config = llava.config
+    tower = llava.vision_tower
+    # The encoder is the tower's own in some transformers releases, its `vision_model`'s in others.
+    encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(
+        hasattr(layer, "self_attn") and hasattr(layer, "layer_norm1") for layer in layers
+    ):
+        raise ValueError(
+            f"a compressor that needs attention scores (VisionZip) needs a CLIP- or SigLIP-style vision "
+            f"tower (encoder.layers[i].self_attn and layer_norm1), got {type(tower).__name__}"
+        )
+    index = feature_layer_index(config.vision_feature_layer, len(layers))
+    return layers[index], config.vision_feature_select_strategy == "default"
+
+
+def _install_scoring(llava: LlavaModel) -> InstanceOverride:
+    """`llava.get_image_features`, scoring the vision tokens in the layer that gives the
+    features while it runs: the scores reach the grafted projector with the call."""
+    layer, has_cls = _scoring_layer(llava)
+
+    def make(get_image_features: Any) -> Any:
+        # `wraps`: generate() reads the method's signature to pick the image inputs it encodes first.
+        @functools.wraps(get_image_features)
+        def scoring_get_image_features(*args: Any, **kwargs: Any) -> Any:
+            with scores_for_call(layer, has_cls=has_cls):
+                return get_image_features(*args, **kwargs)
+
+        return scoring_get_image_features
+
+    return InstanceOverride.install(llava, "get_image_features", make)
 
 
 def projector_graft_record(

@@ -183,6 +183,7 @@ class LlavaNextCompressorGraft(ProjectorCompressorGraft):
     family = "LLaVA-NeXT"
     record_format = "tokencompress.llava_next_compressor_graft"
     record_version = 1
+    refuses_selection = "lays each tile's tokens out on a grid (unpadding, a newline token per row)"
 
     @classmethod
     def check_fit(cls, core: nn.Module, processor: Any | None, grid: Grid, out_grid: Grid) -> None:

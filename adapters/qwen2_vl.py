@@ -31,6 +31,7 @@ unwraps the merger. `graft_merger_compressor` does the work for any family of th
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -47,7 +48,9 @@ from ._compressor_files import compressor_fields, write_files
 from ._compressor_handle import WrappingCompressorGraft
 from ._qwen2_vl_compress import CompressedPatchMerger
 from ._qwen2_vl_grids import merged_grid_thw, token_counts
+from ._kept_positions import kept_positions_scope, record_kept_positions, recorded_kept_positions, rope_index_at_kept
 from ._qwen2_vl_parts import merge_size, merged_dim, qwen2_vl_core
+from ._selecting import refuse_selection
 from ._wrap import WrappedSubmodule, match_wrapped
 
 __all__ = ["Qwen2VLCompressorGraft", "graft_qwen2_vl_compressor", "graft_merger_compressor",
@@ -130,6 +133,49 @@ def _rope_index_on_compressed_grids(
     return get_rope_index
 
 
+def _scoped_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The core's `forward`, in a scope where its image encoding records the kept positions."""
+
+    @functools.wraps(forward)
+    def scoped_forward(*args: Any, **kwargs: Any) -> Any:
+        with kept_positions_scope():
+            return forward(*args, **kwargs)
+
+    return scoped_forward
+
+
+def _rope_index_at_kept_positions(
+    original: Callable[..., Any], core: nn.Module, check: _PlaceholderCheck
+) -> Callable[..., Any]:
+    """`get_rope_index` that gives each token a selecting compressor kept the position it
+    had in the uncompressed image (`_kept_positions`)."""
+    signature = inspect.signature(original)
+
+    def get_rope_index(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        image_grid_thw = bound.arguments.get("image_grid_thw")
+        if image_grid_thw is None:
+            return original(*bound.args, **bound.kwargs)
+        check.check(bound.arguments.get("input_ids"), image_grid_thw)
+        arguments = {name: value for name, value in bound.arguments.items() if name != "kwargs"}
+        arguments.update(bound.arguments.get("kwargs", {}))
+        kept = recorded_kept_positions()  # a forward: its images were encoded already
+        if kept is None:
+            # generate() lays out positions before it encodes the images: encode them here.
+            pixel_values = arguments.get("pixel_values")
+            if pixel_values is None:
+                raise ValueError(
+                    "the grafted compressor selects image tokens by their content, so their rotary positions "
+                    "need the images: call get_rope_index with pixel_values= (or run the model's forward)"
+                )
+            kept = core.get_image_features(pixel_values, image_grid_thw, return_dict=True).kept_positions
+        merged = merged_grid_thw(image_grid_thw, merge_size(core))
+        return rope_index_at_kept(original, arguments, merged, kept)
+
+    get_rope_index.__signature__ = signature  # type: ignore[attr-defined]
+    return get_rope_index
+
+
 def _compressed_placeholders(processor: Any, merger: CompressedPatchMerger) -> Callable[..., str]:
     """The processor's `replace_image_token`, writing the compressed count per image."""
 
@@ -201,6 +247,8 @@ class Qwen2VLCompressorGraft(WrappingCompressorGraft):
     processor_names = "Qwen2VLProcessor or Qwen2_5_VLProcessor"
     #: The format name of its saved record (`_compressor_files`).
     record_format = RECORD_FORMAT
+    #: Why the family cannot take a selecting compressor (`_selecting`), or None if it can.
+    refuses_selection: str | None = None
 
     def __init__(self, model: nn.Module, core: nn.Module, processor: Any | None) -> None:
         super().__init__(model, processor)
@@ -230,8 +278,13 @@ class Qwen2VLCompressorGraft(WrappingCompressorGraft):
         return self.module.token_counts(image_grid_thw).tolist()
 
     def _compress_image_outputs(self, output: Any, image_grid_thw: torch.Tensor) -> None:
-        """Compress, in place, what the core's `get_image_features` returned: each image's merged tokens."""
-        output.pooler_output = self.module.compress_images(output.pooler_output, image_grid_thw)
+        """Compress, in place, what the core's `get_image_features` returned: each image's
+        merged tokens; a selecting compressor's kept positions go with the output
+        (`kept_positions`) and to this forward's rotary layout (`_kept_positions`)."""
+        output.pooler_output, kept = self.module.compress_images_keeping(output.pooler_output, image_grid_thw)
+        if kept is not None:
+            output.kept_positions = kept
+            record_kept_positions(kept)
 
     # -- install, undo, lift, save ------------------------------------------------------------
     def _install(self) -> None:
@@ -241,7 +294,13 @@ class Qwen2VLCompressorGraft(WrappingCompressorGraft):
         self._hook = core.register_forward_pre_hook(check, with_kwargs=True)
         compress = self._compress_image_outputs
         self._override(core, "get_image_features", lambda method: _compressing_image_features(method, core, compress))
-        self._override(core, "get_rope_index", lambda method: _rope_index_on_compressed_grids(method, merger, check))
+        if merger.compressor.selects_tokens:
+            # Each kept token at its original place; this forward's encoding says which were kept.
+            self._override(core, "forward", _scoped_forward)
+            self._override(core, "get_rope_index", lambda method: _rope_index_at_kept_positions(method, core, check))
+        else:
+            self._override(core, "get_rope_index",
+                           lambda method: _rope_index_on_compressed_grids(method, merger, check))
         if processor is not None:
             self._override(processor, "replace_image_token", lambda _: _compressed_placeholders(processor, merger))
             if hasattr(processor, "_get_num_multimodal_tokens"):
@@ -363,6 +422,7 @@ def graft_merger_compressor(
             "tower, so the compressor always runs on the merged tokens; use placement='auto' (and projector= "
             "for a compressor that changes the width)"
         )
+    refuse_selection(compressor, graft_class.family_name, selection=graft_class.refuses_selection, scores=False)
     merge, dim = merge_size(core), merged_dim(core)
     try:
         compressor.check_dim(dim)

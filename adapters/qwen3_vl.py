@@ -103,6 +103,10 @@ class Qwen3VLCompressorGraft(Qwen2VLCompressorGraft):
     family_name = "Qwen3-VL"
     processor_names = "Qwen3VLProcessor"
     record_format = RECORD_FORMAT
+    refuses_selection = (
+        "adds DeepStack features to the image tokens, and the graft cannot yet apply one image's picks "
+        "to every DeepStack level"
+    )
 
     def _compress_image_outputs(self, output: Any, image_grid_thw: torch.Tensor) -> None:
         """The image tokens, and each DeepStack level with the same compressor (and projector),

@@ -77,11 +77,24 @@ class TokenCompressor(nn.Module, metaclass=ABCMeta):
     set `in_dim` when they only accept one input width. `forward(x, grid=None)` validates
     the input, runs `compress` and checks the output against `out_grid`/`out_dim`.
     `compress` may return a tuple whose first element is the tokens (extra outputs
-    that the caller asked for, such as SAP's weights).
+    that the caller asked for, such as SAP's weights). Keyword arguments of `forward`
+    pass through to `compress`.
+
+    Two class attributes tell adapters how to drive a compressor without knowing it:
+    `selects_tokens` and `needs_attention_scores` (see `tokencompress.selection`).
     """
 
     #: the only input width accepted, or None when any width works
     in_dim: int | None = None
+    #: True for compressors that keep (or merge into) a fixed budget of input tokens
+    #: instead of mapping a grid to a grid: their output is a row `(1, num_tokens)` in
+    #: input order, and `forward(..., return_positions=True)` also returns each output
+    #: token's index in the input grid, for families with 2-D/3-D rotary positions.
+    selects_tokens: bool = False
+    #: True for compressors whose forward needs `attention_scores=` (B, N): the attention
+    #: each token receives in the vision layer the features come from. The graft
+    #: computes them for that one layer; compressors with False refuse them.
+    needs_attention_scores: bool = False
 
     # -- answered without running ------------------------------------------------------
     @abstractmethod

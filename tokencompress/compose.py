@@ -30,6 +30,13 @@ class Compose(TokenCompressor):
                 raise TypeError(
                     f"Compose argument {index} must be a TokenCompressor, got {type(compressor).__name__}"
                 )
+            # A selection's kept positions and attention scores refer to the input grid of
+            # its own stage: a chain could not hand them on, so it would silently lose them.
+            if compressor.selects_tokens or compressor.needs_attention_scores:
+                raise ValueError(
+                    f"Compose argument {index} is {type(compressor).__name__}, a selecting compressor; "
+                    "expected grid compressors only (use a selecting compressor on its own)"
+                )
         self.stages = nn.ModuleList(compressors)
         self.in_dim = compressors[0].in_dim
 

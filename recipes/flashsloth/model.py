@@ -592,6 +592,9 @@ class FlashSloth(nn.Module):
         per_view = compressor_graft.num_image_tokens if compressor_graft is not None else math.prod(config.grid)
         if per_view != config.tokens_per_view:
             raise ValueError(f"the model gives {per_view} tokens per view, the config {config.tokens_per_view}")
+        if self.num_image_tokens != config.num_image_tokens:
+            raise ValueError(f"the LLaVA takes {self.num_image_tokens} image tokens per picture, "
+                             f"the config {config.num_image_tokens}")
 
     # -- what the data pipeline needs ----------------------------------------------------
     @property
@@ -608,8 +611,14 @@ class FlashSloth(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        """Placeholders per picture: 81, or 405 with HD."""
-        return self.config.num_image_tokens
+        """Placeholders per picture: 81, or 405 with HD.
+
+        Read from the LLaVA (its ``image_seq_length`` per view, which a compressor graft
+        sets) rather than the config, so that a graft added after building, such as a
+        training-free token selector at inference (`benchmarks.training_free`), is
+        followed by templates made afterwards (`make_template`, `FlashSlothChat`).
+        """
+        return int(self.llava.config.image_seq_length) * self.config.num_views
 
     @property
     def image_processor(self) -> SiglipProcessor:

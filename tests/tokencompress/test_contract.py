@@ -24,6 +24,16 @@ def build(name: str, dtype: torch.dtype = torch.float32) -> TokenCompressor:
     return get_compressor_class(name).for_dim(WIDTH).to(dtype).eval()
 
 
+def run(compressor: TokenCompressor, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """`compressor(x, grid=grid)`, with attention scores for compressors that need them."""
+    if not compressor.needs_attention_scores:
+        return compressor(x, grid=grid)
+    # Scores that are a function of each sample's own tokens: a sample run alone gets the
+    # scores it gets in its batch, and they follow x onto any device and dtype.
+    scores = x.detach().square().mean(dim=-1).softmax(dim=-1)
+    return compressor(x, grid=grid, attention_scores=scores)
+
+
 def supports(compressor: TokenCompressor, grid: tuple[int, int]) -> bool:
     try:
         compressor.out_grid(grid)
@@ -48,9 +58,9 @@ def test_output_follows_contract(name: str, grid: tuple[int, int], dtype: torch.
     if not supports(compressor, grid):
         # A compressor may reject a grid, but then forward rejects it the same way.
         with pytest.raises(ValueError, match="grid"):
-            compressor(x, grid=grid)
+            run(compressor, x, grid)
         return
-    out = compressor(x, grid=grid)
+    out = run(compressor, x, grid)
     height, width = compressor.out_grid(grid)
     assert out.shape == (2, height * width, compressor.out_dim(WIDTH))
     assert compressor.num_out_tokens(grid) == height * width == out.shape[1]
@@ -65,7 +75,7 @@ def test_gradients_reach_inputs_and_parameters(name: str, grid: tuple[int, int])
     if not supports(compressor, grid):
         pytest.skip(f"{name} rejects grid {grid} by contract")
     x = torch.randn(2, grid[0] * grid[1], WIDTH, dtype=torch.float64, requires_grad=True)
-    out = compressor(x, grid=grid)
+    out = run(compressor, x, grid)
     # A random projection of the output, so no gradient vanishes by symmetry.
     (out * torch.randn_like(out)).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
@@ -85,9 +95,9 @@ def test_sample_independence(name: str) -> None:
     compressor = build(name, torch.float64)
     grid = (6, 6)
     x = torch.randn(3, 36, WIDTH, dtype=torch.float64)
-    together = compressor(x, grid=grid)
+    together = run(compressor, x, grid)
     for index in range(3):
-        alone = compressor(x[index : index + 1], grid=grid)
+        alone = run(compressor, x[index : index + 1], grid)
         torch.testing.assert_close(together[index : index + 1], alone, rtol=1e-12, atol=1e-12)
 
 
@@ -95,7 +105,7 @@ def test_sample_independence(name: str) -> None:
 def test_square_grid_is_inferred(name: str) -> None:
     compressor = build(name, torch.float64)
     x = torch.randn(1, 36, WIDTH, dtype=torch.float64)
-    torch.testing.assert_close(compressor(x), compressor(x, grid=(6, 6)), rtol=0, atol=0)
+    torch.testing.assert_close(run(compressor, x), run(compressor, x, (6, 6)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", list_compressors())
@@ -130,7 +140,7 @@ def test_config_round_trip_rebuilds_the_same_compressor(name: str) -> None:
     # Same settings: same parameter shapes, and the same maths once weights are copied.
     rebuilt.load_state_dict(compressor.state_dict())
     x = torch.randn(2, 36, WIDTH)
-    torch.testing.assert_close(rebuilt(x, grid=(6, 6)), compressor(x, grid=(6, 6)), rtol=0, atol=0)
+    torch.testing.assert_close(run(rebuilt, x, (6, 6)), run(compressor, x, (6, 6)), rtol=0, atol=0)
 
 
 def test_unregistered_subclass_has_no_config() -> None:
@@ -146,6 +156,6 @@ def test_runs_on_the_meta_device(name: str) -> None:
     """Profilers build full-size models on `meta` and count FLOPs without memory."""
     with torch.device("meta"):
         compressor = get_compressor_class(name).for_dim(WIDTH)
-        out = compressor(torch.empty(2, 36, WIDTH), grid=(6, 6))
+        out = run(compressor, torch.empty(2, 36, WIDTH), (6, 6))
     assert out.device.type == "meta"
     assert out.shape == (2, compressor.num_out_tokens((6, 6)), compressor.out_dim(WIDTH))
