@@ -58,12 +58,20 @@ __all__ = [
     "build_base_model",
     "VariantModules",
     "build_variant_modules",
+    "Grafted",
     "graft_variant",
     "make_inputs",
     "pick_dtype",
+    "synchronize",
+    "TokenClock",
+    "PartClock",
+    "timing_stats",
+    "generate_greedy",
     "measure_round",
     "summarize",
     "run",
+    "attention_implementation",
+    "config_summary",
     "main",
 ]
 
@@ -358,7 +366,8 @@ def pick_dtype(requested: str, device: torch.device, width: int) -> tuple[torch.
 
 
 # -- clocks ---------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for `device` (CUDA kernels run asynchronously); nothing to wait for on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -411,7 +420,7 @@ class PartClock:
     def _hook(self, module: nn.Module, when: str, wanted: Callable[[], bool], note: Callable[[float], None]) -> None:
         def hook(*_: Any) -> None:
             if wanted():
-                _sync(self.device)
+                synchronize(self.device)
                 note(time.perf_counter())
 
         register = module.register_forward_pre_hook if when == "pre" else module.register_forward_hook
@@ -458,11 +467,13 @@ class Settings:
     progress: bool = True
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
+def timing_stats(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and every run, JSON-ready."""
     return {"median": _median(values), "min": min(values), "max": max(values), "runs": list(values)}
 
 
-def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, **kwargs: Any) -> Any:
+def generate_greedy(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, **kwargs: Any) -> Any:
+    """Exactly `new_tokens` greedy tokens (no early stop at EOS: every run does the same work)."""
     return model.generate(
         **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs
     )
@@ -474,10 +485,10 @@ def _peak_memory(model: nn.Module, run: Callable[[], Any], device: torch.device)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         run()
-        _sync(device)
+        synchronize(device)
         return {"peak_bytes": torch.cuda.max_memory_allocated(device), "weight_bytes": weights}
     return {"peak_bytes": weights + peak_bytes(run, device), "weight_bytes": weights}
 
@@ -494,7 +505,7 @@ def _multiply_adds(
     try:
         result = profile_model(profile_spec(variant, sizes, dtype))
     except Exception as error:  # noqa: BLE001 - any failure: count on the real model
-        _, macs = count_macs(_generate, model, inputs, 1)
+        _, macs = count_macs(generate_greedy, model, inputs, 1)
         return {
             "params": None,
             "multiply_adds": macs,
@@ -530,19 +541,19 @@ def measure_round(
     device, new_tokens = settings.device, settings.decode_tokens
     # First token and decoding, batch 1: one generate call gives both.
     clock = TokenClock()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
-    _generate(model, one, new_tokens, streamer=clock)
+    generate_greedy(model, one, new_tokens, streamer=clock)
     token_times = clock.times[-new_tokens:]  # the prompt is put first
     # Batch throughput of the first round.
-    batch_seconds = timed_seconds(lambda: _generate(model, batch, 1), device, warmup=0, repeats=1)[0]
+    batch_seconds = timed_seconds(lambda: generate_greedy(model, batch, 1), device, warmup=0, repeats=1)[0]
     # Parts, in a run of their own (the hooks synchronise on CUDA).
     parts = part_clock(model, grafted, device)
     try:
-        _sync(device)
+        synchronize(device)
         part_start = time.perf_counter()
-        _generate(model, one, 1)
-        _sync(device)
+        generate_greedy(model, one, 1)
+        synchronize(device)
         part_seconds = {**parts.seconds(), "first token": time.perf_counter() - part_start}
     finally:
         parts.remove()
@@ -566,10 +577,10 @@ def summarize(variant: Variant, sizes: Sizes, rounds: _Rounds, once: dict[str, A
         "query_tokens": NUM_QUERIES if variant.embq else 0,
         "tokens": variant.tokens(sizes),
         **once,
-        "first_token_s": _stats(rounds.first_token),
-        "decode_tokens_per_s": _stats(rounds.decode_rate) if rounds.decode_rate else None,
-        "batch_samples_per_s": _stats(rounds.batch_rate),
-        "parts_s": {name: _stats([run[name] for run in rounds.parts]) for name in [*part_names, "first token"]},
+        "first_token_s": timing_stats(rounds.first_token),
+        "decode_tokens_per_s": timing_stats(rounds.decode_rate) if rounds.decode_rate else None,
+        "batch_samples_per_s": timing_stats(rounds.batch_rate),
+        "parts_s": {name: timing_stats([run[name] for run in rounds.parts]) for name in [*part_names, "first token"]},
         "parts_share": {
             name: _median([run[name] / run["first token"] for run in rounds.parts]) for name in part_names
         },
@@ -582,7 +593,8 @@ def machine_and_versions(device: torch.device) -> dict[str, Any]:
     return describe_environment(device)
 
 
-def _attention_implementation(requested: str, device: torch.device) -> str:
+def attention_implementation(requested: str, device: torch.device) -> str:
+    """`requested`, or for "auto" flash_attention_2 on CUDA when installed, else sdpa."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -637,7 +649,7 @@ def run(
             with graft_variant(model, tokenizer, modules[variant.name], sizes):
                 once = {
                     "prompt_tokens": one["input_ids"].shape[1],
-                    **_peak_memory(model, lambda: _generate(model, one, 1), settings.device),
+                    **_peak_memory(model, lambda: generate_greedy(model, one, 1), settings.device),
                     **_multiply_adds(model, one, variant, sizes, settings.dtype, one["input_ids"].shape[1]),
                 }
             results.append(summarize(variant, sizes, rounds[variant.name], once))
@@ -694,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch or (2 if args.quick else 4),
         progress=not args.no_progress,
     )
-    attn_implementation = _attention_implementation(args.attn, device)
+    attn_implementation = attention_implementation(args.attn, device)
     variants = [v for v in VARIANTS if args.variants is None or v.name in args.variants]
     load_at_start = load_average()
     started = time.perf_counter()
@@ -705,8 +717,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": {**machine_and_versions(device), "load_average_at_start": load_at_start},
         "settings": {
             "sizes": sizes.label,
-            "vision": _config_summary(sizes.vision),
-            "text": _config_summary(sizes.text),
+            "vision": config_summary(sizes.vision),
+            "text": config_summary(sizes.text),
             "embq": {"inner_dim": sizes.embq_inner_dim, "heads": sizes.embq_heads, "layer": sizes.embq_layer,
                      "queries": NUM_QUERIES},
             "text_tokens": TEXT_TOKENS,
@@ -731,7 +743,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def _config_summary(config: Any) -> dict[str, Any]:
+def config_summary(config: Any) -> dict[str, Any]:
+    """The sizes of a backbone config that a report names."""
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
             "image_size", "patch_size")
     return {key: getattr(config, key) for key in keys if hasattr(config, key)}

@@ -143,6 +143,10 @@ def _sdpa_tensors(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
     return given["query"], given["key"], given["value"]
 
 
+def _is_composite(func: Any) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+
+
 class _AtenOps(TorchDispatchMode):
     """Counts the matrix products, convolutions and fused attention ops that reach aten."""
 
@@ -152,6 +156,14 @@ class _AtenOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        # Under `torch.inference_mode` the autograd keys are off, so composite ops (linear,
+        # matmul, conv2d, einsum, ...) reach this mode whole instead of as the mm / bmm /
+        # convolution they are made of: run their decomposition, whose ops come back here.
+        if _is_composite(func):
+            with self:  # the mode is off inside its own handler: back on for the parts
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         out = func(*args, **kwargs)
         rule = _RULES.get(func.overloadpacket)
         if rule is not None and not self.counter._inside_attention:

@@ -142,3 +142,27 @@ def test_a_counter_is_not_reentrant() -> None:
     with counter:  # usable again once closed
         torch.ones(2, 3) @ torch.ones(3, 4)
     assert counter.macs == 2 * 3 * 4
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_inference_mode_counts_what_no_grad_counts(attn_implementation) -> None:
+    """Under inference_mode composite ops (linear, matmul, conv2d, einsum) reach the counter
+    whole; it decomposes them, so the count and the results are those of no_grad."""
+    x, b = _tensors((3, 5, 8), (3, 8, 4), device="cpu")
+    linear, conv = torch.nn.Linear(8, 16), torch.nn.Conv2d(3, 6, kernel_size=3, padding=1)
+    image = torch.randn(2, 3, 9, 7)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_llama(attn_implementation)).eval()
+    embeds = torch.randn(1, 13, 64)
+
+    def run() -> list[torch.Tensor]:
+        return [linear(x), x @ b, torch.einsum("bij,bjk->bik", x, b), conv(image),
+                model.base_model(inputs_embeds=embeds).last_hidden_state]
+
+    with torch.no_grad(), MacCounter() as plain:
+        expected = run()
+    with torch.inference_mode(), MacCounter() as inference:
+        got = run()
+    assert inference.macs == plain.macs > 0
+    for value, reference in zip(got, expected):
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)
