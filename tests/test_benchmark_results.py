@@ -12,7 +12,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from benchmarks import ablation_report, compressors, end_to_end_report, training_free_report
+from benchmarks import (
+    ablation_report, compressors, end_to_end_report, tradeoff_report, training_free_report,
+    training_free_speed_report,
+)
 from tokencompress.cli import _specs, build_parser
 from tokencompress.profile import ProfileResult, compare_markdown, profile_model, savings_markdown
 from tokencompress.profile_presets import PAPER_TFLOPS
@@ -26,7 +29,9 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "ablation": ablation_report.render_markdown,
     "end_to_end": end_to_end_report.render_markdown,
     "compressors": compressors.render_markdown,
+    "training_free_speed": training_free_speed_report.render_markdown,  # before its prefix "training_free"
     "training_free": training_free_report.render_markdown,
+    "tradeoff": tradeoff_report.render_markdown,
 }
 PROFILE_FILES = sorted(RESULTS.glob("profile*.json"))
 # The models of ours (compressed and not), whose docs tables are `savings_markdown`'s.

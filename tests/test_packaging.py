@@ -46,7 +46,7 @@ def test_the_oldest_end_pins_every_declared_floor() -> None:
     from packaging.version import Version
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = [*project["dependencies"], *(req for extra in ("recipe", "viz", "test")
+    declared = [*project["dependencies"], *(req for extra in ("recipe", "viz", "test", "eval")
                                            for req in project["optional-dependencies"][extra])]
     pins = _oldest_pins()
     for text in declared:
