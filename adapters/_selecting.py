@@ -4,10 +4,11 @@ A selecting compressor keeps `num_tokens` of a view's tokens (or merges into the
 their original order, but not on a grid (`out_grid` is (1, num_tokens)). A family that
 only counts image tokens and gives them 1-D positions (LLaVA, InternVL) takes it as it
 is. A family that lays the tokens out on a grid (LLaVA-NeXT's unpadding and newline per
-row) cannot, and one with 2-D/3-D rotary positions (Qwen2-VL, Qwen3-VL) needs each kept
-token's original position, which its graft does not hand over yet: both refuse, rather
-than silently give the tokens a layout or positions they never had. Attention scores
-(VisionZip) are computed by the LLaVA graft only.
+row) cannot, and one with 2-D/3-D rotary positions needs each kept token's original
+position: Qwen2-VL's graft hands it over (`_kept_positions`), Qwen3-VL's, whose DeepStack
+levels would need the same picks, does not yet. Those that cannot refuse, rather than
+silently give the tokens a layout or positions they never had. Attention scores
+(VisionZip) are computed by the LLaVA and Qwen2-VL / Qwen2.5-VL grafts.
 """
 
 from __future__ import annotations
@@ -34,5 +35,5 @@ def refuse_selection(compressor: TokenCompressor, family: str, *, selection: str
     if compressor.needs_attention_scores and not scores:
         raise ValueError(
             f"compressor={name} needs the attention each vision token receives, which the {family} graft "
-            "does not compute (the LLaVA graft does); use ToMe or DART, which need no scores"
+            "does not compute (the LLaVA and Qwen2-VL grafts do); use ToMe or DART, which need no scores"
         )

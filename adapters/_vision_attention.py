@@ -12,14 +12,16 @@ Which attention counts (`received_attention`):
 - a tower without one (SigLIP): the attention each token receives, averaged over all
   queries and heads.
 
-The scores travel with the call: `scoring_layer_hook` fills a `ScoreSlot` that belongs
-to one `get_image_features` call, and `current_scores()` reads it from a context
-variable set only for that call; nothing is left in module state afterwards.
+The scores travel with the call: `scores_for_call(layer, score)` hooks the scoring layer
+for one `get_image_features` call, fills a `ScoreSlot` that belongs to that call with
+`score(layer, args, kwargs)`, and `current_scores()` reads it from a context variable set
+only for that call; nothing is left in module state afterwards. `encoder_layer_scorer`
+is LLaVA's `score`; Qwen2-VL's is in `_qwen2_vl_scores`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -28,7 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ScoreSlot", "received_attention", "scores_for_call", "current_scores", "feature_layer_index"]
+__all__ = ["ScoreFunction", "ScoreSlot", "received_attention", "encoder_layer_scorer", "scores_for_call",
+           "current_scores", "feature_layer_index"]
+
+#: What the scoring layer's forward pre-hook runs: (layer, args, kwargs) of that forward -> the scores.
+ScoreFunction = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], torch.Tensor]
 
 
 def received_attention(layer: nn.Module, hidden_states: torch.Tensor, *, has_cls: bool) -> torch.Tensor:
@@ -49,6 +55,16 @@ def received_attention(layer: nn.Module, hidden_states: torch.Tensor, *, has_cls
     weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     received = weights.mean(dim=(1, 2))  # over heads and query rows: (B, L)
     return (received[:, 1:] if has_cls else received).to(hidden_states.dtype)
+
+
+def encoder_layer_scorer(*, has_cls: bool) -> ScoreFunction:
+    """The `score` of a CLIP/SigLIP encoder layer: `received_attention` of its input."""
+
+    def score(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return received_attention(layer, hidden_states, has_cls=has_cls)
+
+    return score
 
 
 def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
@@ -81,17 +97,17 @@ _CURRENT: ContextVar[ScoreSlot | None] = ContextVar("tokencompress_vision_scores
 
 
 @contextmanager
-def scores_for_call(layer: nn.Module, *, has_cls: bool) -> Iterator[ScoreSlot]:
-    """Within the block, each run of `layer` scores its input into the yielded slot, which
-    `current_scores()` returns; the hook and the slot are gone afterwards."""
+def scores_for_call(layer: nn.Module, score: ScoreFunction) -> Iterator[ScoreSlot]:
+    """Within the block, each run of `layer` puts `score(layer, args, kwargs)` of its
+    forward's arguments into the yielded slot, which `current_scores()` returns; the hook
+    and the slot are gone afterwards."""
     slot = ScoreSlot()
 
-    def score(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         with torch.no_grad():  # selection scores are not differentiated (top-k picks)
-            slot.scores = received_attention(module, hidden_states, has_cls=has_cls)
+            slot.scores = score(module, args, kwargs)
 
-    handle = layer.register_forward_pre_hook(score, with_kwargs=True)
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
     token = _CURRENT.set(slot)
     try:
         yield slot

@@ -31,7 +31,7 @@ from ._compressor_files import compressor_fields, write_files
 from ._image_tokens import processor_image_token_count, set_processor_image_token_count
 from ._instance_override import InstanceOverride
 from ._llava_parts import llava_core, projector_path, projector_widths, vision_grid
-from ._vision_attention import current_scores, feature_layer_index, scores_for_call
+from ._vision_attention import current_scores, encoder_layer_scorer, feature_layer_index, scores_for_call
 from ._wrap import WrappedSubmodule, match_wrapped, refuse_other_wrappers
 
 __all__ = ["CompressedProjector", "CompressorGraft", "Placement", "RECORD_FORMAT", "RECORD_VERSION",
@@ -419,12 +419,13 @@ def _install_scoring(llava: LlavaModel) -> InstanceOverride:
     """`llava.get_image_features`, scoring the vision tokens in the layer that gives the
     features while it runs: the scores reach the grafted projector with the call."""
     layer, has_cls = _scoring_layer(llava)
+    score = encoder_layer_scorer(has_cls=has_cls)
 
     def make(get_image_features: Any) -> Any:
         # `wraps`: generate() reads the method's signature to pick the image inputs it encodes first.
         @functools.wraps(get_image_features)
         def scoring_get_image_features(*args: Any, **kwargs: Any) -> Any:
-            with scores_for_call(layer, has_cls=has_cls):
+            with scores_for_call(layer, score):
                 return get_image_features(*args, **kwargs)
 
         return scoring_get_image_features

@@ -24,6 +24,11 @@ the one place transformers decides it:
   (`compute_3d_position_ids`) and `generate` (`_prepare_position_ids_for_generation`,
   which also caches `rope_deltas` for the decoding steps, so those follow too).
 
+A selecting compressor (ToMe, DART, VisionZip) keeps each kept token at its original
+rotary position (`_kept_positions`); one that needs attention scores (VisionZip) gets
+them from the last vision block, computed while `get_image_features` runs
+(`_qwen2_vl_scores`) and handed over with the call.
+
 The class and every other instance are untouched; `remove()` deletes the attributes and
 unwraps the merger. `graft_merger_compressor` does the work for any family of this layout
 (Qwen3-VL: `qwen3_vl`, whose handle also compresses the DeepStack features).
@@ -35,6 +40,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,7 +56,9 @@ from ._qwen2_vl_compress import CompressedPatchMerger
 from ._qwen2_vl_grids import merged_grid_thw, token_counts
 from ._kept_positions import kept_positions_scope, record_kept_positions, recorded_kept_positions, rope_index_at_kept
 from ._qwen2_vl_parts import merge_size, merged_dim, qwen2_vl_core
+from ._qwen2_vl_scores import merged_scores_for_call, scoring_block
 from ._selecting import refuse_selection
+from ._vision_attention import current_scores
 from ._wrap import WrappedSubmodule, match_wrapped
 
 __all__ = ["Qwen2VLCompressorGraft", "graft_qwen2_vl_compressor", "graft_merger_compressor",
@@ -98,9 +106,11 @@ class _PlaceholderCheck:
 
 
 def _compressing_image_features(
-    original: Callable[..., Any], core: nn.Module, compress: Callable[[Any, torch.Tensor], None]
+    original: Callable[..., Any], core: nn.Module, compress: Callable[[Any, torch.Tensor], None], scoring: bool
 ) -> Callable[..., Any]:
-    """`get_image_features` whose output `compress(output, image_grid_thw)` compresses in place."""
+    """`get_image_features` whose output `compress(output, image_grid_thw)` compresses in
+    place; with `scoring`, both run in the scope of this call's merged-token scores
+    (`_qwen2_vl_scores.merged_scores_for_call`), which `compress` reads."""
 
     def get_image_features(
         pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any
@@ -108,8 +118,10 @@ def _compressing_image_features(
         # As transformers' can_return_tuple: a tuple only when asked (or configured) for one.
         return_dict = kwargs.pop("return_dict", None)
         return_dict = core.config.return_dict if return_dict is None else return_dict
-        output = original(pixel_values, image_grid_thw, return_dict=True, **kwargs)
-        compress(output, image_grid_thw)
+        scope = merged_scores_for_call(core.visual, image_grid_thw, kwargs) if scoring else nullcontext()
+        with scope:
+            output = original(pixel_values, image_grid_thw, return_dict=True, **kwargs)
+            compress(output, image_grid_thw)
         return output if return_dict else output.to_tuple()
 
     return get_image_features
@@ -249,6 +261,8 @@ class Qwen2VLCompressorGraft(WrappingCompressorGraft):
     record_format = RECORD_FORMAT
     #: Why the family cannot take a selecting compressor (`_selecting`), or None if it can.
     refuses_selection: str | None = None
+    #: Whether the graft computes attention scores for a compressor that needs them (VisionZip).
+    computes_scores = True
 
     def __init__(self, model: nn.Module, core: nn.Module, processor: Any | None) -> None:
         super().__init__(model, processor)
@@ -280,8 +294,14 @@ class Qwen2VLCompressorGraft(WrappingCompressorGraft):
     def _compress_image_outputs(self, output: Any, image_grid_thw: torch.Tensor) -> None:
         """Compress, in place, what the core's `get_image_features` returned: each image's
         merged tokens; a selecting compressor's kept positions go with the output
-        (`kept_positions`) and to this forward's rotary layout (`_kept_positions`)."""
-        output.pooler_output, kept = self.module.compress_images_keeping(output.pooler_output, image_grid_thw)
+        (`kept_positions`) and to this forward's rotary layout (`_kept_positions`). A
+        compressor that needs attention scores gets this call's (`current_scores`)."""
+        scores = None
+        if self.module.compressor.needs_attention_scores and (merged := current_scores()) is not None:
+            grids = merged_grid_thw(image_grid_thw, self.merge_size)
+            per_image = merged.split(token_counts(grids).tolist())
+            scores = [image.reshape(int(frames), -1) for image, frames in zip(per_image, grids[:, 0])]
+        output.pooler_output, kept = self.module.compress_images_keeping(output.pooler_output, image_grid_thw, scores)
         if kept is not None:
             output.kept_positions = kept
             record_kept_positions(kept)
@@ -293,7 +313,9 @@ class Qwen2VLCompressorGraft(WrappingCompressorGraft):
         check = self._check = _PlaceholderCheck(core, merger, type(merger.compressor).__name__)
         self._hook = core.register_forward_pre_hook(check, with_kwargs=True)
         compress = self._compress_image_outputs
-        self._override(core, "get_image_features", lambda method: _compressing_image_features(method, core, compress))
+        scoring = merger.compressor.needs_attention_scores
+        self._override(core, "get_image_features",
+                       lambda method: _compressing_image_features(method, core, compress, scoring))
         if merger.compressor.selects_tokens:
             # Each kept token at its original place; this forward's encoding says which were kept.
             self._override(core, "forward", _scoped_forward)
@@ -422,7 +444,10 @@ def graft_merger_compressor(
             "tower, so the compressor always runs on the merged tokens; use placement='auto' (and projector= "
             "for a compressor that changes the width)"
         )
-    refuse_selection(compressor, graft_class.family_name, selection=graft_class.refuses_selection, scores=False)
+    refuse_selection(compressor, graft_class.family_name, selection=graft_class.refuses_selection,
+                     scores=graft_class.computes_scores)
+    if compressor.needs_attention_scores:
+        scoring_block(core.visual)  # a ValueError, before anything changes, where no block can be scored
     merge, dim = merge_size(core), merged_dim(core)
     try:
         compressor.check_dim(dim)

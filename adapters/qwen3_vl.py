@@ -107,6 +107,7 @@ class Qwen3VLCompressorGraft(Qwen2VLCompressorGraft):
         "adds DeepStack features to the image tokens, and the graft cannot yet apply one image's picks "
         "to every DeepStack level"
     )
+    computes_scores = False
 
     def _compress_image_outputs(self, output: Any, image_grid_thw: torch.Tensor) -> None:
         """The image tokens, and each DeepStack level with the same compressor (and projector),

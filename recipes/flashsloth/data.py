@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from tokencompress.adapters.prompt import pad_prompts
+from tokencompress.images import read_rgb
 
 from .template import Template
 
@@ -91,8 +92,7 @@ def conversation_texts(records: Sequence[Mapping[str, Any]]) -> Iterator[str]:
 
 
 def _open_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")  # convert() decodes fully, so truncation shows here
+    return read_rgb(path)  # strict: a truncated file is an error even if a library allowed them
 
 
 @dataclass(frozen=True)

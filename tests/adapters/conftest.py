@@ -141,7 +141,9 @@ def _vision_config(name: str, **overrides: Any) -> Any:
 
 
 def _image_processor(name: str, image_size: int) -> Any:
-    # The PIL backends: torchvision is not a dependency of this project.
+    # The PIL backends: torchvision is not a dependency of this project. Where it is
+    # installed anyway (lmms-eval brings it), `from_pretrained` would pick its backend, whose
+    # resize differs in the last bits: reloads in the tests ask for backend="pil".
     if name == "siglip":
         return SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     return CLIPImageProcessorPil(
@@ -221,7 +223,7 @@ def save_and_reload(
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     reloaded = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    return reloaded, LlavaProcessor.from_pretrained(folder)
+    return reloaded, LlavaProcessor.from_pretrained(folder, backend="pil")
 
 
 @dataclass

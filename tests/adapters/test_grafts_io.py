@@ -100,7 +100,7 @@ def test_both_grafts_save_and_load_into_a_fresh_base(tiny_llava: TinyLlava, orde
     )
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert model.config.image_seq_length == 64 and model.generation_config.suppress_tokens is None
-    processor = LlavaProcessor.from_pretrained(tmp_path)
+    processor = LlavaProcessor.from_pretrained(tmp_path, backend="pil")
     assert processor_image_token_count(processor, IMAGE_SIZE) == 64
     assert processor.tokenizer.convert_tokens_to_ids(embq_of(grafts).query_tokens) == list(
         embq_of(grafts).token_ids
@@ -181,7 +181,7 @@ def test_save_grafted_checks_its_arguments(tmp_path: Path) -> None:
     assert not (tmp_path / "partial").exists()
     assert isinstance(tiny.model.model.multi_modal_projector, CompressedProjector)  # lifted back
     # A processor whose tokenizer lacks the query tokens would write other tokenizer files.
-    copy = LlavaProcessor.from_pretrained(_saved(tiny.processor, tmp_path / "processor"))
+    copy = LlavaProcessor.from_pretrained(_saved(tiny.processor, tmp_path / "processor"), backend="pil")
     compressor.processor, original = copy, compressor.processor
     with pytest.raises(ValueError, match="does not hold the EmbQ graft's tokenizer"):
         save_grafted(tiny.model, tmp_path, compressor, queries)
@@ -201,7 +201,7 @@ def test_load_grafted_checks_the_folder_and_undoes_a_partial_load(tmp_path: Path
     grafts = graft_both(tiny, "compressor_first")
     save_grafted(tiny.model, tmp_path, *grafts)
     fresh = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    processor = LlavaProcessor.from_pretrained(tmp_path)
+    processor = LlavaProcessor.from_pretrained(tmp_path, backend="pil")
 
     with pytest.raises(ValueError, match="holds an EmbQ graft: pass tokenizer="):
         load_grafted(fresh, tmp_path)

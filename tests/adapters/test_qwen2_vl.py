@@ -355,7 +355,7 @@ def test_save_and_load_round_trip_gives_identical_logits(family: str, name: str,
     model_class = type(model)
     processor_class = ImageOnlyQwen2VLProcessor if family == "qwen2_vl" else ImageOnlyQwen2_5_VLProcessor
     reloaded = model_class.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    reloaded_processor = processor_class.from_pretrained(tmp_path)
+    reloaded_processor = processor_class.from_pretrained(tmp_path, backend="pil")
     assert "replace_image_token" not in vars(reloaded_processor)  # saved ungrafted
     _, projector = make_compressor(name)
     loaded = load_compressor_graft(reloaded, tmp_path, processor=reloaded_processor, projector=projector)
@@ -562,6 +562,6 @@ def test_both_grafts_save_and_load_together(family: str, tmp_path: Path) -> None
 
     reloaded = type(model).from_pretrained(tmp_path, dtype=torch.float32).eval()
     processor_class = ImageOnlyQwen2VLProcessor if family == "qwen2_vl" else ImageOnlyQwen2_5_VLProcessor
-    loaded = load_grafted(reloaded, tmp_path, processor=processor_class.from_pretrained(tmp_path))
+    loaded = load_grafted(reloaded, tmp_path, processor=processor_class.from_pretrained(tmp_path, backend="pil"))
     assert [type(handle) for handle in loaded] == [Qwen2VLCompressorGraft, Qwen2VLEmbQGraft]
     assert torch.equal(logits_of(reloaded, batch), expected)

@@ -1,15 +1,21 @@
-"""Selecting compressors (ToMe, DART) on Qwen2-VL and Qwen2.5-VL: each kept token keeps
-the 3-D rotary position it had in the uncompressed image, in a forward, in generate's
-prefill and in every decoding step; cached generation equals recomputation; a
-left-padded batch equals each prompt alone; remove() and save/load round-trip."""
+"""Selecting compressors (ToMe, DART, VisionZip) on Qwen2-VL and Qwen2.5-VL: each kept
+token keeps the 3-D rotary position it had in the uncompressed image, in a forward, in
+generate's prefill and in every decoding step; cached generation equals recomputation; a
+left-padded batch equals each prompt alone; remove() and save/load round-trip. VisionZip's
+scores (the attention each merged token receives in the last vision block) equal a plain
+reference."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from transformers.vision_utils import get_vision_window_index
 
 from tests.adapters.test_qwen2_vl import (
     BIG,
@@ -26,24 +32,75 @@ from tests.adapters.test_qwen2_vl import (
     rope_index,
     with_dtype,
 )
+from tests.adapters.test_vision_scores import ScoreProbe
 from tests.adapters.tiny_qwen2_vl import FAMILIES, MERGE, prompt_text
 from tokencompress import DART, TokenCompressor, ToMe, VisionZip
 from tokencompress.adapters import graft_compressor, load_compressor_graft
 from tokencompress.adapters._qwen2_vl_grids import merged_grid_thw
 
 BUDGET = 6  # of 35 (BIG), 9 (SMALL) and 24 (WIDE) merged tokens
-SELECTORS = {"tome": lambda: ToMe(BUDGET), "dart": lambda: DART(BUDGET, num_pivots=2)}
+SELECTORS = {
+    "tome": lambda: ToMe(BUDGET),
+    "dart": lambda: DART(BUDGET, num_pivots=2),
+    "visionzip": lambda: VisionZip(dominant=4, contextual=2),
+}
 TEXTS = [prompt_text(2, "Same?"), prompt_text(1, "And this one, please?")]
 SIZES = (BIG, SMALL, WIDE)
 
 
+@contextmanager
+def last_block_input(model: nn.Module) -> Iterator[list[tuple]]:
+    """What the last vision block gets in each run: (hidden_states, cu_seqlens, (cos, sin))."""
+    seen: list[tuple] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args[0], kwargs["cu_seqlens"], kwargs["position_embeddings"]))
+
+    handle = model.model.visual.blocks[-1].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def reference_scores(model: nn.Module, block_input: tuple, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's (t, h/m * w/m) scores, by hand: per attention segment (an image's frame,
+    or a window) and per head, softmax(q k^T / sqrt(d)) of the last block, averaged over
+    heads and queries; summed per merged token; put back in row-major order."""
+    visual = model.model.visual
+    block = visual.blocks[-1]
+    rotate = sys.modules[type(block.attn).__module__].apply_rotary_pos_emb_vision
+    hidden, cu_seqlens, (cos, sin) = block_input
+    width, heads = hidden.shape[-1], block.attn.num_heads
+    head_dim = width // heads
+    qkv = block.attn.qkv(block.norm1(hidden))
+    patches = torch.zeros(hidden.shape[0], dtype=torch.float64)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        for head in range(heads):
+            queries = qkv[start:end, head * head_dim:(head + 1) * head_dim]
+            keys = qkv[start:end, width + head * head_dim:width + (head + 1) * head_dim]
+            queries, keys = rotate(queries[:, None], keys[:, None], cos[start:end], sin[start:end])
+            weights = torch.softmax(queries[:, 0] @ keys[:, 0].T / head_dim**0.5, dim=-1)
+            patches[start:end] += weights.mean(dim=0) / heads
+    merged = patches.reshape(-1, MERGE**2).sum(dim=-1)
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL: merged tokens in window order
+        window_index, _ = get_vision_window_index(image_grid_thw, MERGE, visual.window_size, visual.patch_size)
+        merged = merged[torch.argsort(window_index)]
+    grids = merged_grid_thw(image_grid_thw, MERGE)
+    return [scores.reshape(int(t), -1) for scores, t in zip(merged.split(grids.prod(dim=1).tolist()), grids[:, 0])]
+
+
 def _kept_by_hand(model: nn.Module, compressor: TokenCompressor, inputs: dict) -> list[torch.Tensor]:
-    """Each image's kept positions: the ungrafted tower's merged tokens, selected here."""
-    with torch.no_grad():
+    """Each image's kept positions: the ungrafted tower's merged tokens (and, for
+    VisionZip, the reference scores), selected here."""
+    with torch.no_grad(), last_block_input(model) as seen:
         merged = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
         grids = merged_grid_thw(inputs["image_grid_thw"], MERGE)
-        return [compressor(tokens[None], (int(h), int(w)), return_positions=True)[1][0]
-                for tokens, (_, h, w) in zip(merged, grids)]
+        scores = reference_scores(model, seen[0], inputs["image_grid_thw"])
+        extra = [{"attention_scores": image} if compressor.needs_attention_scores else {} for image in scores]
+        return [compressor(tokens[None], (int(h), int(w)), return_positions=True, **more)[1][0]
+                for tokens, (_, h, w), more in zip(merged, grids, extra)]
 
 
 def _kept_columns(inputs: dict, kept: list[torch.Tensor], image_token: int) -> list[torch.Tensor]:
@@ -154,14 +211,63 @@ def test_generation_batches_remove_and_save_load(family: str, name: str, tmp_pat
     loaded.remove()
 
 
-def test_qwen2_vl_has_no_vision_scores_and_qwen3_vl_refuses_selections() -> None:
+@pytest.mark.parametrize("family, last_block", [
+    ("qwen2_vl", "full"), ("qwen2_5_vl", "full"), ("qwen2_5_vl", "window"),
+])
+def test_scores_are_the_attention_each_merged_token_receives_in_the_last_block(family: str, last_block: str) -> None:
+    model, processor = build(family)
+    visual = model.model.visual
+    if last_block == "window":  # Qwen2.5-VL: the last block attends within windows
+        visual.fullatt_block_indexes = [0]
+    attention = visual.config._attn_implementation
+    images = images_of(BIG, SMALL, WIDE, BIG)  # BIG twice: one call on both, stacked
+    inputs = with_dtype(encode(processor, [prompt_text(4, "Which?")], images), torch.float64)
+    expected = logits_of(model, inputs)
+    probe = ScoreProbe()
+    graft = graft_compressor(model, probe, processor=processor)
+    with torch.no_grad(), last_block_input(model) as seen:
+        logits = model(**inputs).logits
+    (block_input,) = seen
+    reference = reference_scores(model, block_input, inputs["image_grid_thw"])
+    # One call per distinct grid, each frame one row: BIG's two images, then SMALL, then WIDE.
+    grouped = [torch.cat([reference[0], reference[3]]), reference[1], reference[2]]
+    assert [tuple(scores.shape) for scores in probe.seen] == [(2, 35), (1, 9), (1, 24)]
+    for scores, want in zip(probe.seen, grouped):
+        assert scores.dtype == torch.float64
+        torch.testing.assert_close(scores, want, rtol=0, atol=1e-12)
+    # The mean attention received over a segment's queries sums to one per segment: per
+    # frame under full attention, and per window in a window block.
+    cu_seqlens = block_input[1]
+    patches = merged_grid_thw(inputs["image_grid_thw"], 1).prod(dim=1).cumsum(0)
+    segments = torch.bucketize(cu_seqlens[1:], patches.to(cu_seqlens.dtype), right=False).bincount()
+    if last_block == "full":
+        assert segments.tolist() == [1, 1, 1, 1]
+    else:
+        assert segments.tolist() == [12, 4, 6, 12]  # windows of 2x2 merged tokens: ceil(h/2) * ceil(w/2)
+    for scores, count in zip(reference, segments.tolist()):
+        torch.testing.assert_close(scores.sum(), torch.tensor(float(count), dtype=torch.float64))
+    # A probe that keeps every token changes nothing; the hooks last one call; the tower stays on its attention.
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    assert not any(block._forward_pre_hooks for block in visual.blocks)
+    assert visual.config._attn_implementation == attention
+    merged = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    with pytest.raises(RuntimeError, match="needs the attention each vision token receives"):
+        graft.module.compress_images(merged, inputs["image_grid_thw"])  # not by the call: no scores
+    graft.remove()
+    assert "get_image_features" not in vars(model.model)
+
+
+def test_qwen2_vl_takes_visionzip_and_qwen3_vl_refuses_selections() -> None:
     from tests.adapters.tiny_qwen3_vl import build_tiny_qwen3_vl
 
     model, processor = build("qwen2_vl")
-    with pytest.raises(ValueError, match="compressor=VisionZip needs the attention .* the Qwen2-VL graft"):
-        graft_compressor(model, VisionZip(dominant=3, contextual=1), processor=processor)
+    graft_compressor(model, VisionZip(dominant=3, contextual=1), processor=processor).remove()
     qwen3, qwen3_processor = build_tiny_qwen3_vl()
-    with pytest.raises(ValueError, match="compressor=ToMe selects tokens .* but Qwen3-VL adds DeepStack"):
-        graft_compressor(qwen3, ToMe(4), processor=qwen3_processor)
+    for compressor in (ToMe(4), VisionZip(dominant=3, contextual=1)):
+        name = type(compressor).__name__
+        with pytest.raises(ValueError, match=f"compressor={name} selects tokens .* but Qwen3-VL adds DeepStack"):
+            graft_compressor(qwen3, compressor, processor=qwen3_processor)
+    with pytest.raises(ValueError, match="compressor=ScoreProbe needs the attention .* the Qwen3-VL graft"):
+        graft_compressor(qwen3, ScoreProbe(), processor=qwen3_processor)
     for core in (model.model, qwen3.model):
         assert not {"forward", "get_rope_index", "get_image_features"} & set(vars(core))

@@ -259,7 +259,7 @@ def test_save_and_load_round_trips_give_identical_logits(tmp_path: Path) -> None
     record = json.loads((tmp_path / "one" / CONFIG_NAME).read_text())
     assert record["format"] == "tokencompress.qwen3_vl_compressor_graft" and record["model_type"] == "qwen3_vl"
     reloaded = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "one", dtype=torch.float32).eval()
-    reloaded_processor = ImageOnlyQwen3VLProcessor.from_pretrained(tmp_path / "one")
+    reloaded_processor = ImageOnlyQwen3VLProcessor.from_pretrained(tmp_path / "one", backend="pil")
     loaded = load_compressor_graft(reloaded, tmp_path / "one", processor=reloaded_processor,
                                    projector=make_compressor("pixel_shuffle")[1])
     assert isinstance(loaded, Qwen3VLCompressorGraft)
@@ -278,7 +278,7 @@ def test_save_and_load_round_trips_give_identical_logits(tmp_path: Path) -> None
 
     reloaded = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "both", dtype=torch.float32).eval()
     grafts = load_grafted(reloaded, tmp_path / "both", processor=ImageOnlyQwen3VLProcessor.from_pretrained(
-        tmp_path / "both"), projector=make_compressor("pixel_shuffle")[1])
+        tmp_path / "both", backend="pil"), projector=make_compressor("pixel_shuffle")[1])
     assert [type(one) for one in grafts] == [Qwen3VLCompressorGraft, Qwen3VLEmbQGraft]
     assert torch.equal(logits_of(reloaded, batch), both)
     reloaded = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "embq", dtype=torch.float32).eval()

@@ -12,6 +12,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from tokencompress.images import read_rgb
+
 __all__ = ["UnreadableImage", "load_visuals"]
 
 
@@ -37,8 +39,7 @@ def _load_one(visual: Any, task: str, doc_id: Any, record_id: Any) -> Image.Imag
             raise UnreadableImage(task, doc_id, visual, str(error), record_id) from None
     if isinstance(visual, (str, Path)):
         try:
-            with Image.open(visual) as image:
-                return image.convert("RGB")
+            return read_rgb(visual)  # strict: lmms-eval turns on Pillow's silent truncation
         except (OSError, UnidentifiedImageError) as error:
             raise UnreadableImage(task, doc_id, visual, f"{type(error).__name__}: {error}", record_id) from None
     reason = f"expected a PIL image or an image path, got {type(visual).__name__}"
