@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report_files import write_report_files
 from tokencompress.environment import environment_line
 
 __all__ = ["CONTRASTS", "paired_differences", "render_markdown", "plot", "summarize", "write_report"]
@@ -202,10 +202,5 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def write_report(report: dict[str, Any], out_dir: Path, stem: str = "ablation") -> list[Path]:
     """Write ``<stem>.json`` (runs + summary), ``<stem>.md`` and ``<stem>.png`` to ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     full = {**report, "summary": summarize(report), "paired_differences": paired_differences(report)}
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
-    paths[1].write_text(render_markdown(report), encoding="utf-8")
-    plot(report, paths[2])
-    return paths
+    return write_report_files(full, render_markdown(report), lambda path: plot(report, path), out_dir, stem)

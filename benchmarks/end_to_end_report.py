@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report_files import write_report_files
 from tokencompress.environment import environment_line
 
 __all__ = ["render_markdown", "plot", "write_report"]
@@ -158,10 +158,4 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def write_report(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     """Write `<stem>.json`, `<stem>.md` and `<stem>.png` to `out_dir`; return their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(render_markdown(report))
-    plot(report, paths[2])
-    return paths
+    return write_report_files(report, render_markdown(report), lambda path: plot(report, path), out_dir, stem)

@@ -69,13 +69,14 @@ from benchmarks.training_free import (
     FULL,
     QUICK,
     TokenCounter,
+    reusable_record,
     train_uncompressed,
     visionzip_split,
 )
 from recipes.flashsloth.chat import FlashSlothChat
 from recipes.flashsloth.data import load_llava_json
 from recipes.flashsloth.evaluate import _question, evaluate
-from recipes.flashsloth.model import CONFIG_NAME, FlashSloth
+from recipes.flashsloth.model import FlashSloth
 from recipes.flashsloth.train import MODEL_DIR
 from tokencompress.environment import describe_environment
 
@@ -197,17 +198,9 @@ def model_folder(work: Path, model: str, seed: int) -> Path:
 
 
 def _reusable(work: Path, model: str, seed: int, settings: Settings) -> dict[str, Any] | None:
-    """The record of an earlier training of (`model`, `seed`) with `settings`, if its
-    checkpoint and data are still there; None when it has to be trained."""
+    """The record of an earlier training of (`model`, `seed`) with `settings`, if still usable."""
     marker = run_dir(work, model, seed) / _MARKER
-    if not marker.is_file() or not (model_folder(work, model, seed) / CONFIG_NAME).is_file():
-        return None
-    if not (data_dir(work, seed) / "test.json").is_file():
-        return None
-    saved = json.loads(marker.read_text(encoding="utf-8"))
-    if saved.get("settings") != dataclasses.asdict(settings) or saved.get("seed") != seed:
-        return None
-    return saved["record"]
+    return reusable_record(marker, model_folder(work, model, seed), data_dir(work, seed), seed, settings)
 
 
 def train_models(

@@ -137,18 +137,22 @@ def checkpoint_dir(work: Path, seed: int) -> Path:
     return run_dir(work, VARIANT.name, seed) / "stage2" / MODEL_DIR
 
 
-def _reusable(work: Path, seed: int, settings: Settings) -> dict[str, Any] | None:
-    """The training record of an earlier run of this seed with these settings, if its
-    checkpoint and data are still there; None when it has to be trained."""
-    marker = run_dir(work, VARIANT.name, seed) / _MARKER
-    if not marker.is_file() or not (checkpoint_dir(work, seed) / CONFIG_NAME).is_file():
+def reusable_record(marker: Path, checkpoint: Path, data: Path, seed: int, settings: Settings) -> dict[str, Any] | None:
+    """The training record that `marker` keeps of an earlier run of `seed` with `settings`,
+    if its `checkpoint` and `data` are still there; None when it has to be trained."""
+    if not marker.is_file() or not (checkpoint / CONFIG_NAME).is_file():
         return None
-    if not (data_dir(work, seed) / "test.json").is_file():
+    if not (data / "test.json").is_file():
         return None
     saved = json.loads(marker.read_text(encoding="utf-8"))
     if saved.get("settings") != dataclasses.asdict(settings) or saved.get("seed") != seed:
         return None
     return saved["record"]
+
+
+def _reusable(work: Path, seed: int, settings: Settings) -> dict[str, Any] | None:
+    marker = run_dir(work, VARIANT.name, seed) / _MARKER
+    return reusable_record(marker, checkpoint_dir(work, seed), data_dir(work, seed), seed, settings)
 
 
 def train_uncompressed(
