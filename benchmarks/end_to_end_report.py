@@ -51,18 +51,20 @@ def _macs_ratio(baseline: dict[str, Any] | None, variant: dict[str, Any]) -> str
     return f"{baseline['multiply_adds'] / variant['multiply_adds']:.2f}x"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _machine_line(report: dict[str, Any]) -> str:
+def machine_line(report: dict[str, Any], more: str = "") -> str:
+    """The machine, its threads and its load during the run; `more` ends the sentence."""
     machine, settings = report["machine"], report["settings"]
     start, end = machine.get("load_average_at_start"), machine.get("load_average_1_5_15_min")
     return (
         f"Machine: {environment_line(machine)}; {settings['threads']} torch threads"
         + (f", 1-min load average {start[0]:.2f} at the start and {end[0]:.2f} at the end" if start and end else "")
-        + "."
+        + more + "."
     )
 
 
@@ -76,7 +78,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        _machine_line(report),
+        machine_line(report),
         "",
         f"Model: SigLIP {vision['hidden_size']} wide x {vision['num_hidden_layers']} layers (penultimate "
         f"layer's features, {vision['image_size']} px, patch {vision['patch_size']}) + phi-2 "
@@ -100,10 +102,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             _rate(v["decode_tokens_per_s"]), _rate(v["batch_samples_per_s"]),
             f"{v['peak_bytes'] / GIB:.2f}", _share(v, "compressor"), _share(v, "EmbQ"),
         ])
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     parts = ["vision encoder", "compressor", "EmbQ", "LLM prefill", "first token"]
     lines += ["", "Parts of the first-token time (ms; hooks, in runs of their own; the LLM prefill includes EmbQ):", ""]
-    lines += _table(["variant", *parts], [
+    lines += markdown_table(["variant", *parts], [
         [v["name"], *(_ms(v["parts_s"].get(part)) for part in parts)] for v in variants
     ])
     lines += [

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.end_to_end_report import machine_line, markdown_table
 from benchmarks.report_files import write_report_files
-from tokencompress.environment import environment_line
 
 __all__ = ["render_markdown", "plot", "write_report"]
 
@@ -22,21 +22,6 @@ def _share(share: float | None) -> str:
     return "" if share is None else f"{share:.2%}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def _machine_line(report: dict[str, Any]) -> str:
-    machine, settings = report["machine"], report["settings"]
-    start, end = machine.get("load_average_at_start"), machine.get("load_average_1_5_15_min")
-    return (
-        f"Machine: {environment_line(machine)}; {settings['threads']} torch threads"
-        + (f", 1-min load average {start[0]:.2f} at the start and {end[0]:.2f} at the end" if start and end else "")
-        + f"; {report['wall_time_s']:,.0f} s in all."
-    )
-
-
 def render_markdown(report: dict[str, Any]) -> str:
     """The settings and one row per variant: tokens, multiply-adds, first token, scoring share."""
     settings, variants = report["settings"], report["variants"]
@@ -46,7 +31,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        _machine_line(report),
+        machine_line(report, f"; {report['wall_time_s']:,.0f} s in all"),
         "",
         f"Model: SigLIP {vision['hidden_size']} wide x {vision['num_hidden_layers']} layers (penultimate "
         f"layer's features, {settings['image_tokens']} image tokens) + phi-2 {text['hidden_size']} wide x "
@@ -72,7 +57,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         for v in variants
     ]
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     scorers = [f"{v['name']}: `{v['scoring_function']}` ({v['scoring_calls']} call(s) per first token)"
                for v in variants if v["scoring_function"]]
     lines += [
